@@ -1,0 +1,27 @@
+// Instantiates the CPU engine for one instruction set. CMake compiles this file once per ISA with
+// DQK_ISA_NS set to avx512 / avx2 / baseline and the matching -m flags.
+#include "greedy_bins.h"
+
+namespace dqk {
+namespace DQK_ISA_NS {
+
+template <typename T>
+void run_graphcut_isa(const std::vector<ProblemView<T>>& problems,
+                      const std::vector<bool>& use_gram) {
+  run_problems(problems, use_gram);
+}
+
+template <typename T>
+void gram_matrix_isa(const T* x, int64_t n, int64_t d, T* gram) {
+  gram_syrk(x, n, d, gram, GramEpilogue::kStore);
+}
+
+template void run_graphcut_isa<float>(const std::vector<ProblemView<float>>&,
+                                      const std::vector<bool>&);
+template void run_graphcut_isa<double>(const std::vector<ProblemView<double>>&,
+                                       const std::vector<bool>&);
+template void gram_matrix_isa<float>(const float*, int64_t, int64_t, float*);
+template void gram_matrix_isa<double>(const double*, int64_t, int64_t, double*);
+
+}  // namespace DQK_ISA_NS
+}  // namespace dqk

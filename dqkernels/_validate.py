@@ -1,0 +1,90 @@
+"""Input checks shared by the API and the CLI. Errors name the offending argument."""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import numpy as np
+
+
+class GradEmbedding(NamedTuple):
+    """Factorised gradient-embedding features (SPEC §1): g_i = [δ_i, δ_i ⊗ e_i].
+
+    delta: (M, C) float, δ_i = softmax(z_i) − onehot(y_i) (or the official δ).
+    embed: (M, D) float, e_i = the penultimate embedding.
+    The engines use g_i·g_j = (δ_i·δ_j)(1 + e_i·e_j); the C·D vectors are never formed.
+    """
+
+    delta: object
+    embed: object
+
+
+def as_float_matrix(value, name: str) -> np.ndarray:
+    """A (M, d) floating numpy view of a numpy array or torch tensor, finite, non-empty.
+
+    float16 and bfloat16 are widened to float32; float32/float64 are returned without a copy
+    when possible. Raises TypeError for non-floating data, ValueError for bad shapes or values.
+    """
+    if type(value).__module__.startswith("torch"):
+        import torch
+
+        tensor = value.detach()
+        if not torch.is_floating_point(tensor):
+            raise TypeError(f"{name} must be a floating tensor, got {tensor.dtype}")
+        if tensor.dtype in (torch.float16, torch.bfloat16):
+            tensor = tensor.float()
+        value = tensor.cpu().numpy()
+    array = np.asarray(value)
+    if array.dtype.kind != "f":
+        raise TypeError(f"{name} must hold floating-point numbers, got dtype {array.dtype}")
+    if array.dtype == np.float16:
+        array = array.astype(np.float32)
+    elif array.dtype not in (np.float32, np.float64):
+        array = array.astype(np.float64)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (samples, dims) array, got shape {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {array.shape})")
+    finite = np.isfinite(array).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise ValueError(f"{name} contains NaN or inf (first at row {row})")
+    return array
+
+
+def as_labels(labels, n_samples: int, name: str = "labels") -> np.ndarray:
+    """(M,) int64 labels matching ``n_samples`` rows."""
+    if type(labels).__module__.startswith("torch"):
+        labels = labels.detach().cpu().numpy()
+    array = np.asarray(labels)
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be integers, got dtype {array.dtype}")
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+    if len(array) != n_samples:
+        raise ValueError(f"{name} has {len(array)} entries but there are {n_samples} samples")
+    return array.astype(np.int64, copy=False)
+
+
+def as_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def as_ratio(value, name: str = "ratio") -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in (0, 1], got {value!r}")
+    value = float(value)
+    if not (0.0 < value <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+    return value
+
+
+def as_choice(value, choices, name: str) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value

@@ -1,0 +1,331 @@
+"""``graphcut_bins``: DQ bin generation (SPEC §1) behind one call, and its result object."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from . import reference
+from ._io import atomic_output
+from ._validate import (
+    GradEmbedding,
+    as_choice,
+    as_float_matrix,
+    as_labels,
+    as_positive_int,
+)
+from .sizes import bin_sizes_per_problem
+
+METRICS = ("cosine", "euclidean")
+BACKENDS = ("auto", "cpu", "reference")
+FORMS = ("auto", "gram", "stream")
+PRECISIONS = ("float32", "float64")
+# Below this many dims per sample a streaming step is as cheap as reading a Gram row, and the
+# Gram matrix's n² writes would dominate.
+_MIN_DIMS_FOR_GRAM = 16
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+@dataclass
+class BinResult:
+    """Bins of a data set (SPEC §1 output).
+
+    order: (M,) int64 sample ids in pick order, bin after bin.
+    bin_offsets: (N+1,) int64; bin n is order[bin_offsets[n]:bin_offsets[n+1]].
+    labels: (M,) int64 class of each sample when binned per class, else None.
+    backend: the engine that ran ("cpu", "reference"); form: "gram", "stream", "gram+stream"
+    (per class), or "reference".
+    meta: metric, lam, bins, per_class, M, dims, dtype, precision, sizes, version, checksum.
+    """
+
+    order: np.ndarray
+    bin_offsets: np.ndarray
+    labels: Optional[np.ndarray]
+    backend: str
+    form: str
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_bins(self) -> int:
+        return len(self.bin_offsets) - 1
+
+    @property
+    def bin_of(self) -> np.ndarray:
+        """(M,) int64 bin id of each sample."""
+        out = np.empty(len(self.order), dtype=np.int64)
+        out[self.order] = np.repeat(np.arange(self.n_bins), np.diff(self.bin_offsets))
+        return out
+
+    @property
+    def bins(self) -> list:
+        """Bin n's sample ids (int64 arrays, pick order), as views of ``order``."""
+        return [self.order[a:b] for a, b in zip(self.bin_offsets[:-1], self.bin_offsets[1:])]
+
+    @property
+    def bin_sizes(self) -> np.ndarray:
+        return np.diff(self.bin_offsets)
+
+    def save(self, path) -> None:
+        """Write one ``.npz`` (order, bin_offsets, bin_of, labels?, meta JSON) atomically."""
+        arrays = {"order": self.order, "bin_offsets": self.bin_offsets, "bin_of": self.bin_of}
+        if self.labels is not None:
+            arrays["labels"] = self.labels
+        meta = dict(self.meta, backend=self.backend, form=self.form)
+        arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        with atomic_output(path) as handle:
+            handle.write(buffer.getvalue())
+
+
+def load_bins(path) -> BinResult:
+    """Read a bins ``.npz`` written by ``BinResult.save``; ValueError if it is not one."""
+    if not os.path.isfile(path):
+        raise ValueError(f"bins file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            order = data["order"].astype(np.int64)
+            offsets = data["bin_offsets"].astype(np.int64)
+            labels = data["labels"].astype(np.int64) if "labels" in data.files else None
+            meta = json.loads(str(data["meta"]))
+    except (OSError, KeyError, ValueError, EOFError) as exc:
+        raise ValueError(f"not a dqkernels bins file: {path} ({exc})") from None
+    m = len(order)
+    if (
+        offsets.ndim != 1
+        or len(offsets) < 2
+        or offsets[0] != 0
+        or offsets[-1] != m
+        or (np.diff(offsets) < 0).any()
+        or not np.array_equal(np.sort(order), np.arange(m))
+        or (labels is not None and len(labels) != m)
+    ):
+        raise ValueError(f"bins file is inconsistent (not a partition of its samples): {path}")
+    return BinResult(order, offsets, labels, meta.pop("backend", "?"), meta.pop("form", "?"), meta)
+
+
+def default_memory_budget() -> int:
+    """A quarter of physical memory, in bytes: what the Gram form may use by default."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 2 << 30
+
+
+def _features_checksum(features) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    arrays = features if isinstance(features, GradEmbedding) else (features,)
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(str((array.dtype.str, array.shape)).encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+def _working_features(features, metric: str, problem_offsets: np.ndarray, dtype):
+    """Rows as the engine sees them: float64 math, cast to the working ``dtype`` at the end.
+
+    Plain features: cosine rows are L2-normalised; every problem is then centred on its own mean
+    (distances do not change, and float32 Gram entries lose no digits to a common offset).
+    Gradient embeddings: cosine scales δ_i by 1/‖g_i‖ (g is linear in δ).
+    Returns (x, embed or None).
+    """
+    if isinstance(features, GradEmbedding):
+        delta = features.delta.astype(np.float64)
+        embed = features.embed.astype(np.float64)
+        if metric == "cosine":
+            norms = np.sqrt(np.einsum("ij,ij->i", delta, delta) * (1.0 + np.einsum("ij,ij->i", embed, embed)))
+            zero = np.flatnonzero(norms == 0)
+            if len(zero):
+                raise ValueError(
+                    f"features: gradient embedding of row {int(zero[0])} is zero; "
+                    "cosine needs non-zero rows (use metric='euclidean')"
+                )
+            delta /= norms[:, None]
+        return np.ascontiguousarray(delta, dtype=dtype), np.ascontiguousarray(embed, dtype=dtype)
+    x = features.astype(np.float64)
+    if metric == "cosine":
+        norms = np.linalg.norm(x, axis=1)
+        zero = np.flatnonzero(norms == 0)
+        if len(zero):
+            raise ValueError(
+                f"features: row {int(zero[0])} is all zeros; cosine needs non-zero rows "
+                "(use metric='euclidean')"
+            )
+        x /= norms[:, None]
+    for lo, hi in zip(problem_offsets[:-1], problem_offsets[1:]):
+        x[lo:hi] -= x[lo:hi].mean(axis=0)
+    if not np.isfinite(np.einsum("ij,ij->i", x, x)).all():
+        raise ValueError("features: values too large, squared norms overflow")
+    return np.ascontiguousarray(x, dtype=dtype), None
+
+
+def graphcut_bins(
+    features,
+    bins: int = 10,
+    labels=None,
+    metric: str = "cosine",
+    lam: float = 1.0,
+    device=None,
+    backend: str = "auto",
+    sizes="split",
+    precision: Optional[str] = None,
+    form: str = "auto",
+    memory_budget: Optional[int] = None,
+    threads: Optional[int] = None,
+) -> BinResult:
+    """Split a data set into ``bins`` non-overlapping bins by greedy GraphCut (SPEC §1).
+
+    features: (M, d) float16/bfloat16/float32/float64 numpy array or torch tensor, or a
+        ``GradEmbedding(delta (M, C), embed (M, D))``.
+    bins: number of bins N (1 <= N <= M).
+    labels: optional (M,) integers; then every class is binned on its own (per-class mode) and
+        dataset bin n is the union of the classes' bin n.
+    metric: "cosine" (rows L2-normalised; the official code's choice) or "euclidean".
+    lam: λ > 0 of score = (2−λ)·C1 − λ·C2.
+    device: None or "cpu" (the GPU engine is not part of this build).
+    backend: "auto"/"cpu" (C++ engine) or "reference" (float64 numpy, small inputs only).
+    sizes: "split" (np.array_split sizes), "official", or a list of N sizes (global mode).
+    precision: "float32" or "float64" arithmetic; default float64 for float64 input, else float32.
+    form: "gram" (one Gram matrix, then a row per step), "stream" (O(M·d) memory), or "auto":
+        Gram when it fits ``memory_budget`` bytes (default a quarter of RAM).
+    threads: OpenMP threads (default: all cores).
+    Returns a ``BinResult``. Raises ValueError/TypeError naming the bad argument.
+    """
+    as_choice(metric, METRICS, "metric")
+    as_choice(backend, BACKENDS, "backend")
+    as_choice(form, FORMS, "form")
+    if device not in (None, "cpu"):
+        raise ValueError(
+            f"device={device!r}: this build has the CPU engine only; use device='cpu' or None"
+        )
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not np.isfinite(lam) or lam <= 0:
+        raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
+    lam = float(lam)
+
+    if isinstance(features, GradEmbedding):
+        delta = as_float_matrix(features.delta, "features.delta")
+        embed = as_float_matrix(features.embed, "features.embed")
+        if len(delta) != len(embed):
+            raise ValueError(
+                f"features.delta has {len(delta)} rows but features.embed has {len(embed)}"
+            )
+        user_features = GradEmbedding(delta, embed)
+        input_dtype = np.result_type(delta.dtype, embed.dtype)
+        dims = [int(delta.shape[1]), int(embed.shape[1])]
+    else:
+        user_features = as_float_matrix(features, "features")
+        input_dtype = user_features.dtype
+        dims = [int(user_features.shape[1])]
+    m = len(user_features[0]) if isinstance(user_features, GradEmbedding) else len(user_features)
+    n_bins = as_positive_int(bins, "bins")
+    if n_bins > m:
+        raise ValueError(f"bins={n_bins} is more than the number of samples ({m})")
+    if precision is None:
+        precision = "float64" if input_dtype == np.float64 else "float32"
+    as_choice(precision, PRECISIONS, "precision")
+    if memory_budget is None:
+        memory_budget = default_memory_budget()
+    if threads is not None:
+        as_positive_int(threads, "threads")
+
+    if labels is not None:
+        label_array = as_labels(labels, m)
+        perm = np.argsort(label_array, kind="stable")
+        classes, class_counts = np.unique(label_array, return_counts=True)
+    else:
+        label_array = None
+        perm = np.arange(m)
+        class_counts = np.array([m])
+    if isinstance(sizes, str):
+        as_choice(sizes, ("split", "official"), "sizes")
+    bin_sizes = bin_sizes_per_problem(class_counts, n_bins, sizes)
+    offsets = np.concatenate([[0], np.cumsum(class_counts)]).astype(np.int64)
+
+    permuted = (
+        GradEmbedding(user_features.delta[perm], user_features.embed[perm])
+        if isinstance(user_features, GradEmbedding)
+        else user_features[perm]
+    )
+    dtype = np.float32 if precision == "float32" else np.float64
+    x, embed_work = _working_features(permuted, metric, offsets, dtype)
+
+    if backend == "reference":
+        local_order = _run_reference(x, embed_work, offsets, bin_sizes, lam)
+        used_backend, used_form = "reference", "reference"
+    else:
+        use_gram = _choose_forms(class_counts, sum(dims), dtype, form, memory_budget, threads)
+        from . import _C
+
+        local_order = _C.graphcut_cpu(
+            x, embed_work, offsets, bin_sizes, lam, use_gram, int(threads or 0)
+        )
+        used_backend = "cpu"
+        used_form = "+".join(sorted({"gram" if g else "stream" for g in use_gram.tolist()}))
+
+    order, bin_offsets = _assemble(local_order, perm, offsets, bin_sizes)
+    meta = {
+        "metric": metric,
+        "lam": lam,
+        "bins": n_bins,
+        "per_class": labels is not None,
+        "M": m,
+        "dims": dims,
+        "gradient_embedding": isinstance(user_features, GradEmbedding),
+        "dtype": str(input_dtype),
+        "precision": precision,
+        "sizes": sizes if isinstance(sizes, str) else [int(s) for s in bin_sizes[0]],
+        "version": _version(),
+        "checksum": _features_checksum(user_features),
+    }
+    return BinResult(order, bin_offsets, label_array, used_backend, used_form, meta)
+
+
+def _choose_forms(class_counts, dims, dtype, form, memory_budget, threads) -> np.ndarray:
+    """(P,) bool: Gram form per problem. A Gram matrix takes n²·itemsize bytes; when problems run
+    concurrently (many classes), one per thread is alive at a time."""
+    counts = np.asarray(class_counts, dtype=np.int64)
+    if form == "gram":
+        return np.ones(len(counts), dtype=bool)
+    if form == "stream":
+        return np.zeros(len(counts), dtype=bool)
+    n_threads = threads or os.cpu_count() or 1
+    concurrent = n_threads if len(counts) >= 2 * n_threads else 1
+    gram_bytes = counts.astype(np.float64) ** 2 * np.dtype(dtype).itemsize * concurrent
+    return (gram_bytes <= memory_budget) & (dims >= _MIN_DIMS_FOR_GRAM)
+
+
+def _run_reference(x, embed, offsets, bin_sizes, lam) -> np.ndarray:
+    out = np.empty(offsets[-1], dtype=np.int64)
+    for p, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
+        dist = reference.pairwise_sq_distances(x[lo:hi], None if embed is None else embed[lo:hi])
+        out[lo:hi] = reference.greedy_bins_reference(dist, bin_sizes[p], lam)
+    return out
+
+
+def _assemble(local_order, perm, offsets, bin_sizes):
+    """Global (order, bin_offsets): dataset bin n = each problem's bin n, problems in order."""
+    n_problems, n_bins = bin_sizes.shape
+    global_order = perm[local_order + np.repeat(offsets[:-1], np.diff(offsets))]
+    starts = offsets[:-1, None] + np.concatenate(
+        [np.zeros((n_problems, 1), dtype=np.int64), np.cumsum(bin_sizes, axis=1)[:, :-1]], axis=1
+    )
+    pieces = [
+        global_order[starts[p, b] : starts[p, b] + bin_sizes[p, b]]
+        for b in range(n_bins)
+        for p in range(n_problems)
+    ]
+    order = np.concatenate(pieces).astype(np.int64)
+    bin_offsets = np.concatenate([[0], np.cumsum(bin_sizes.sum(axis=0))]).astype(np.int64)
+    return order, bin_offsets

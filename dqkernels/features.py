@@ -1,0 +1,466 @@
+"""Image features from timm models: pooled penultimate features or SPEC §1 gradient embeddings.
+
+Two kinds of image input are read here:
+
+* an ImageFolder tree (``root/<class>/.../<image>``), listed in sorted, deterministic order,
+  labels = index of the class folder in sorted order;
+* an array of images ``(N, H, W)`` or ``(N, H, W, C)`` (C = 1 or 3), uint8 in [0, 255] or float
+  in [0, 1], from a ``.npy`` file or from the ``images`` array of a ``.npz`` file (with an
+  optional ``labels`` array).
+
+Models are always built with ``pretrained=False``: weights come from a local checkpoint loaded
+strictly, or the model stays randomly initialised (seeded). Nothing is downloaded.
+
+Images are resized straight to ``img_size × img_size`` (bilinear) and normalised with the
+model's mean/std. Gradient mode (SPEC §1) stores, per sample, δ = ∂CE/∂z for the logits
+z = W·e + b of the model's final linear layer (C values) and the embedding e that layer reads
+(D values) — never the C·D-dimensional gradient itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+FEATURE_MODES = ("pooled", "gradient")
+GRAD_DELTAS = ("standard", "official")
+
+
+@dataclass(frozen=True)
+class ImageFolderListing:
+    """Images of an ImageFolder tree in deterministic order.
+
+    relative_paths: N paths relative to ``root`` (POSIX separators), sorted by class folder, then
+        by path inside it.
+    labels: (N,) int64 class index of each image (position of its class folder in class_names).
+    class_names: sorted names of the class folders that hold at least one image.
+    """
+
+    root: Path
+    relative_paths: list[str]
+    labels: np.ndarray
+    class_names: list[str]
+
+
+@dataclass
+class ImageFeatures:
+    """What one extraction pass produced; rows follow ``kept_rows``.
+
+    pooled: (N_kept, D) float32 penultimate features (pooled mode), else None.
+    delta: (N_kept, C) float32 δ per sample (gradient mode), else None.
+    embed: (N_kept, D) float32 embedding e per sample (gradient mode), else None.
+    kept_rows: (N_kept,) int64 positions, in the input, of the images that were read.
+    skipped: (position, reason) of every image that could not be read.
+    """
+
+    pooled: Optional[np.ndarray]
+    delta: Optional[np.ndarray]
+    embed: Optional[np.ndarray]
+    kept_rows: np.ndarray
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+
+def list_image_folder(root: str | os.PathLike) -> ImageFolderListing:
+    """List an ImageFolder tree: one subfolder per class, images anywhere below it.
+
+    Files directly in ``root`` and files without an image extension are ignored. Raises
+    ValueError when no image is found.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"image folder {str(root)!r} is not a directory")
+    class_dirs = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    relative_paths: list[str] = []
+    labels: list[int] = []
+    class_names: list[str] = []
+    for class_name in class_dirs:
+        class_root = root / class_name
+        class_files = []
+        for dir_path, dir_names, file_names in os.walk(class_root, followlinks=True):
+            dir_names.sort()
+            for file_name in file_names:
+                if file_name.lower().endswith(IMAGE_EXTENSIONS):
+                    class_files.append(Path(dir_path, file_name).relative_to(root).as_posix())
+        if class_files:
+            class_files.sort()
+            relative_paths.extend(class_files)
+            labels.extend([len(class_names)] * len(class_files))
+            class_names.append(class_name)
+    if not relative_paths:
+        raise ValueError(
+            f"image folder {str(root)!r} holds no images (expected class subfolders with "
+            f"{', '.join(IMAGE_EXTENSIONS)} files)"
+        )
+    return ImageFolderListing(root, relative_paths, np.asarray(labels, dtype=np.int64), class_names)
+
+
+def load_image_array(path: str | os.PathLike) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Read images (and labels) from a ``.npy`` or ``.npz`` file.
+
+    Returns ``images`` (N, H, W) or (N, H, W, C) — memory-mapped for ``.npy`` — and ``labels``
+    (N,) int64 or None. In a ``.npz`` the images are the ``images`` array (or the only array
+    other than ``labels``).
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".npz":
+            with np.load(path) as archive:
+                names = list(archive.files)
+                image_key = "images" if "images" in names else None
+                if image_key is None:
+                    candidates = [name for name in names if name != "labels"]
+                    if len(candidates) != 1:
+                        raise ValueError(
+                            f"{str(path)!r} has arrays {names}; name the images array 'images'"
+                        )
+                    image_key = candidates[0]
+                images = archive[image_key]
+                labels = archive["labels"] if "labels" in names else None
+        else:
+            images = np.load(path, mmap_mode="r")
+            labels = None
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"cannot read images from {str(path)!r}: {error}") from error
+    validate_image_array(images, str(path))
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"labels in {str(path)!r} have shape {labels.shape}, expected ({images.shape[0]},)"
+            )
+        if not np.issubdtype(labels.dtype, np.integer) or (labels.size and labels.min() < 0):
+            raise ValueError(f"labels in {str(path)!r} must be non-negative integers")
+        labels = labels.astype(np.int64)
+    return images, labels
+
+
+def validate_image_array(images: np.ndarray, name: str) -> None:
+    """Raise ValueError unless ``images`` is (N, H, W) or (N, H, W, C∈{1,3}) uint8/float, N ≥ 1."""
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
+        raise ValueError(
+            f"images in {name!r} have shape {images.shape}; expected (N, H, W) or (N, H, W, C) "
+            "with C = 1 or 3"
+        )
+    if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"images in {name!r} have dtype {images.dtype}; expected uint8 or float")
+    if images.shape[0] == 0:
+        raise ValueError(f"images in {name!r} are empty (N = 0)")
+
+
+def check_model_name(model_name: str) -> None:
+    """Raise ValueError unless timm knows ``model_name`` (a pretrained tag like '.a1_in1k' is allowed)."""
+    import timm
+
+    if not timm.is_model(model_name.split(".")[0]):
+        close = difflib.get_close_matches(model_name, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown timm model {model_name!r}{hint}")
+
+
+def build_model(
+    model_name: str,
+    checkpoint: Optional[str | os.PathLike] = None,
+    num_classes: Optional[int] = None,
+    seed: int = 0,
+):
+    """Create a timm model in eval mode, never downloading weights.
+
+    checkpoint: local ``.pth``/``.pt``/``.safetensors`` state dict loaded strictly; a checkpoint
+        that does not fit the model raises ValueError naming the mismatching keys. Without one
+        the model keeps its random initialisation from ``torch.manual_seed(seed)`` (the global
+        RNG state is restored afterwards).
+    num_classes: size of the classifier; default: the checkpoint's classifier size, else timm's
+        default for the model.
+    """
+    import timm
+    import torch
+
+    check_model_name(model_name)
+    state_dict = _read_checkpoint(checkpoint) if checkpoint is not None else None
+    if num_classes is None and state_dict is not None:
+        num_classes = _checkpoint_num_classes(model_name, state_dict)
+    create_kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(model_name, pretrained=False, **create_kwargs)
+    if state_dict is not None:
+        _load_state_dict_strictly(model, state_dict, model_name, str(checkpoint))
+    return model.eval()
+
+
+def _read_checkpoint(checkpoint: str | os.PathLike) -> dict:
+    """Load a checkpoint's state dict (weights only; 'state_dict'/'model' wrappers unwrapped)."""
+    from timm.models import load_state_dict
+
+    path = str(checkpoint)
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path!r} does not exist")
+    try:
+        state_dict = load_state_dict(path, use_ema=False, weights_only=True)
+    except Exception as error:  # a corrupt file can fail anywhere inside the unpickler
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"cannot read checkpoint {path!r}: {first_line}") from error
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise ValueError(f"checkpoint {path!r} holds no state dict")
+    return state_dict
+
+
+def _checkpoint_num_classes(model_name: str, state_dict: dict) -> int:
+    """Classifier size stored in a checkpoint (0 when it has no classifier weight)."""
+    from timm.models import get_pretrained_cfg
+
+    pretrained_cfg = get_pretrained_cfg(model_name.split(".")[0])
+    classifier_names = pretrained_cfg.classifier if pretrained_cfg is not None else None
+    if isinstance(classifier_names, (tuple, list)):
+        classifier_names = classifier_names[0]
+    weight = state_dict.get(f"{classifier_names}.weight") if classifier_names else None
+    return int(weight.shape[0]) if weight is not None else 0
+
+
+def _load_state_dict_strictly(model, state_dict: dict, model_name: str, checkpoint: str) -> None:
+    """``model.load_state_dict(strict=True)`` with a one-line ValueError on any mismatch."""
+    model_state = model.state_dict()
+    missing = [key for key in model_state if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in model_state]
+    mismatched = [
+        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(value.shape)}"
+        for key, value in model_state.items()
+        if key in state_dict and tuple(state_dict[key].shape) != tuple(value.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys ({_first_few(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({_first_few(unexpected)})")
+    if mismatched:
+        problems.append(f"shape mismatch for {_first_few(mismatched)}")
+    if problems:
+        raise ValueError(f"checkpoint {checkpoint!r} does not fit {model_name}: {'; '.join(problems)}")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _first_few(items: Sequence[str], shown: int = 3) -> str:
+    return ", ".join(items[:shown]) + (", ..." if len(items) > shown else "")
+
+
+def gradient_delta(logits, labels, kind: str = "standard"):
+    """δ = ∂CE/∂z per sample: (B, C) float32 from logits (B, C) and int64 labels (B,).
+
+    standard: δ = softmax(z) − onehot(y).
+    official: the official code's CE applied to softmax(z) (a double softmax),
+        δ = J_softmax(z)ᵀ (softmax(p) − onehot(y)) with p = softmax(z); since
+        J_softmax(z) = diag(p) − p pᵀ, δ = p ⊙ u − p (pᵀu) with u = softmax(p) − onehot(y).
+    """
+    import torch
+
+    logits = logits.float()
+    onehot = torch.nn.functional.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    probs = torch.softmax(logits, dim=1)
+    if kind == "standard":
+        return probs - onehot
+    if kind == "official":
+        upstream = torch.softmax(probs, dim=1) - onehot
+        return probs * upstream - probs * (probs * upstream).sum(dim=1, keepdim=True)
+    raise ValueError(f"grad_delta must be one of {GRAD_DELTAS}, got {kind!r}")
+
+
+def _resize_normalize(batch, img_size: int, mean, std):
+    """(B, C, H, W) float in [0, 1] → (B, 3, img_size, img_size) normalised float32."""
+    import torch
+
+    if batch.shape[1] == 1:
+        batch = batch.expand(-1, 3, -1, -1)
+    if tuple(batch.shape[2:]) != (img_size, img_size):
+        batch = torch.nn.functional.interpolate(
+            batch, size=(img_size, img_size), mode="bilinear", align_corners=False, antialias=True
+        )
+    mean_t = torch.as_tensor(mean, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
+    std_t = torch.as_tensor(std, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
+    return (batch - mean_t) / std_t
+
+
+class _ImageFileDataset:
+    """Decodes one image file to a (3, H, W) float tensor in [0, 1]; a failure is returned, not raised."""
+
+    def __init__(self, paths: Sequence[str], img_size: int):
+        self.paths = list(paths)
+        self.img_size = img_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, row: int):
+        import torch
+        from PIL import Image
+
+        try:
+            with Image.open(self.paths[row]) as image:
+                image = image.convert("RGB").resize(
+                    (self.img_size, self.img_size), Image.Resampling.BILINEAR
+                )
+                pixels = np.asarray(image, dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            return row, None, f"{type(error).__name__}: {error}"
+        return row, torch.from_numpy(pixels.copy()).permute(2, 0, 1), None
+
+
+def _collate_decoded(items):
+    """Batch decoded images; items that failed to decode are passed on as (row, reason)."""
+    import torch
+
+    decoded = [(row, pixels) for row, pixels, _ in items if pixels is not None]
+    failures = [(row, reason) for row, pixels, reason in items if pixels is None]
+    rows = torch.tensor([row for row, _ in decoded], dtype=torch.int64)
+    pixels = torch.stack([p for _, p in decoded]) if decoded else None
+    return rows, pixels, failures
+
+
+def _file_batches(paths, img_size, batch_size, num_workers) -> Iterator:
+    """Yield (rows (B,) int64, uint8 pixels (B, 3, S, S) or None, failures) over image files."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(
+        _ImageFileDataset(paths, img_size),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate_decoded,
+    )
+    yield from loader
+
+
+def _array_batches(images: np.ndarray, batch_size: int) -> Iterator:
+    """Yield (rows (B,) int64, pixels (B, C, H, W) tensor, no failures) from an image array."""
+    import torch
+
+    for start in range(0, images.shape[0], batch_size):
+        chunk = np.array(images[start : start + batch_size])  # a writable copy, also of a memmap
+        if chunk.ndim == 3:
+            chunk = chunk[..., None]
+        rows = torch.arange(start, start + chunk.shape[0], dtype=torch.int64)
+        yield rows, torch.from_numpy(chunk).permute(0, 3, 1, 2), []
+
+
+def extract_image_features(
+    model,
+    *,
+    image_paths: Optional[Sequence[str]] = None,
+    images: Optional[np.ndarray] = None,
+    labels: Optional[np.ndarray] = None,
+    mode: str = "pooled",
+    grad_delta: str = "standard",
+    img_size: Optional[int] = None,
+    batch_size: int = 64,
+    device=None,
+    num_workers: int = 0,
+    strict: bool = False,
+    progress: bool = False,
+) -> ImageFeatures:
+    """Run ``model`` over images in input order and collect features.
+
+    Give either ``image_paths`` (N files, decoded with ``num_workers`` loader processes) or
+    ``images`` (N, H, W[, C]) uint8/float array. ``labels`` (N,) int64 are required in gradient
+    mode. ``img_size`` defaults to the model's own input size. On CUDA the forward pass runs
+    under ``torch.autocast`` (float16); outputs are stored as float32.
+
+    An image that cannot be decoded is skipped and listed in ``skipped``, or raises ValueError
+    with ``strict=True`` (also when no image at all could be read).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    if mode not in FEATURE_MODES:
+        raise ValueError(f"mode must be one of {FEATURE_MODES}, got {mode!r}")
+    if grad_delta not in GRAD_DELTAS:
+        raise ValueError(f"grad_delta must be one of {GRAD_DELTAS}, got {grad_delta!r}")
+    if (image_paths is None) == (images is None):
+        raise TypeError("give exactly one of image_paths and images")
+    total = len(image_paths) if image_paths is not None else images.shape[0]
+    label_tensor = None
+    if mode == "gradient":
+        classifier = model.get_classifier()
+        if not isinstance(classifier, torch.nn.Linear):
+            raise ValueError(
+                "gradient mode needs a model whose classifier is a single Linear layer with "
+                f"num_classes > 0; this model's classifier is {type(classifier).__name__}"
+            )
+        if labels is None:
+            raise ValueError("gradient mode needs labels (an image folder or a .npz with 'labels')")
+        if labels.shape != (total,):
+            raise ValueError(f"labels have shape {labels.shape}, expected ({total},)")
+        if labels.size and int(labels.max()) >= classifier.out_features:
+            raise ValueError(
+                f"label {int(labels.max())} does not fit a classifier with "
+                f"{classifier.out_features} classes"
+            )
+        label_tensor = torch.as_tensor(labels, dtype=torch.int64)
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(device).eval()
+    img_size = img_size or int(model.pretrained_cfg["input_size"][-1])
+    mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=torch.float16)
+        if device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+    batches = (
+        _file_batches(image_paths, img_size, batch_size, num_workers)
+        if image_paths is not None
+        else _array_batches(images, batch_size)
+    )
+
+    outputs: dict[str, np.ndarray] = {}
+    kept_rows = np.empty(total, dtype=np.int64)
+    kept = 0
+    skipped: list[tuple[int, str]] = []
+    with torch.inference_mode(), tqdm(
+        total=total, unit="img", desc="features", disable=not progress, dynamic_ncols=True
+    ) as bar:
+        for rows, pixels, failures in batches:
+            if failures and strict:
+                row, reason = failures[0]
+                name = image_paths[row] if image_paths is not None else f"#{row}"
+                raise ValueError(f"cannot read image {name!r}: {reason}")
+            skipped.extend(failures)
+            bar.update(len(rows) + len(failures))
+            if pixels is None:
+                continue
+            pixels = pixels.to(device, non_blocking=True)
+            pixels = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels.float()
+            batch = _resize_normalize(pixels, img_size, mean, std)
+            with autocast:
+                embedding = model.forward_head(model.forward_features(batch), pre_logits=True)
+            embedding = embedding.float()
+            if mode == "pooled":
+                batch_outputs = {"pooled": embedding}
+            else:
+                logits = model.get_classifier()(embedding)
+                batch_labels = label_tensor[rows].to(device)
+                batch_outputs = {
+                    "delta": gradient_delta(logits, batch_labels, grad_delta),
+                    "embed": embedding,
+                }
+            for name, values in batch_outputs.items():
+                if name not in outputs:
+                    outputs[name] = np.empty((total, values.shape[1]), dtype=np.float32)
+                outputs[name][kept : kept + len(rows)] = values.cpu().numpy()
+            kept_rows[kept : kept + len(rows)] = rows.numpy()
+            kept += len(rows)
+    if kept == 0:
+        raise ValueError(f"none of the {total} images could be read (first: {skipped[0][1]})")
+    return ImageFeatures(
+        pooled=outputs["pooled"][:kept] if "pooled" in outputs else None,
+        delta=outputs["delta"][:kept] if "delta" in outputs else None,
+        embed=outputs["embed"][:kept] if "embed" in outputs else None,
+        kept_rows=kept_rows[:kept],
+        skipped=skipped,
+    )

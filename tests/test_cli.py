@@ -1,0 +1,279 @@
+"""The ``dqk`` command line: end to end on images, photos, text and arrays; any float .npy for
+``dqk bin``; one-line errors with nothing half-written (in-process and in a real subprocess)."""
+
+import filecmp
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest_data import (  # noqa: F401  (digits_folder, digits_features are fixtures)
+    digits_arrays,
+    digits_features,
+    digits_folder,
+    invoke,
+    run_subprocess,
+    text_model_path,
+    write_instruction_jsonl,
+    write_photo_tiles_folder,
+)
+import dqkernels
+
+
+def _ok(args):
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _items(features_dir):
+    with open(features_dir / "items.jsonl") as handle:
+        return [json.loads(line) for line in handle]
+
+
+@pytest.mark.parametrize("command", ["features", "bin", "sample", "run", "info"])
+def test_every_command_has_help(command):
+    result = _ok([command, "--help"])
+    assert f"Usage: dqk {command}" in result.output
+    assert len(result.output.splitlines()) > 5
+
+
+def test_digits_image_folder_end_to_end(tmp_path, digits_folder):
+    features = tmp_path / "feats"
+    result = _ok(["features", digits_folder, "-o", features, "--img-size", 32, "--device", "cpu"])
+    assert "random-init" in result.output
+    sidecar = json.loads((features / "features.json").read_text())
+    assert sidecar["checkpoint"] == "random-init" and sidecar["count"] == 40
+    assert sidecar["dims"] == {"features": 512} and sidecar["source"]["kind"] == "image-folder"
+    assert np.load(features / "labels.npy").tolist() == [c for c in range(10) for _ in range(4)]
+
+    result = _ok(["bin", "--features", features, "--bins", 4])
+    assert "per class" in result.output and "sizes 10 10 10 10" in result.output
+    bins = dqkernels.load_bins(features / "bins.npz")
+    assert bins.meta["features_sidecar"] == str((features / "features.json").resolve())
+
+    export = tmp_path / "export"
+    _ok(["sample", "--bins", features / "bins.npz", "--ratio", 0.25, "--seed", 1, "--export", export])
+    subset = np.load(features / "subset.npy")
+    assert subset.shape == (10,)
+    items = _items(features)
+    exported = sorted(p.relative_to(export).as_posix() for p in export.rglob("*.png"))
+    assert exported == sorted(items[i] for i in subset)
+    for relative in exported:
+        assert filecmp.cmp(export / relative, digits_folder / relative, shallow=False)
+
+
+def test_photo_tiles_end_to_end_with_symlinks(tmp_path):
+    photos = write_photo_tiles_folder(tmp_path / "photos")
+    features = tmp_path / "feats"
+    _ok(["features", photos, "-o", features, "--img-size", 48, "--device", "cpu", "--workers", 2])
+    result = _ok(["bin", "--features", features, "--bins", 3, "--no-labels", "-o", tmp_path / "bins.npz"])
+    assert "per class" not in result.output
+    export = tmp_path / "export"
+    _ok(["sample", "--bins", tmp_path / "bins.npz", "--ratio", 0.5, "--export", export, "--link"])
+
+    subset = np.load(tmp_path / "subset.npy")
+    assert subset.shape == (6,)
+    items = _items(features)
+    for row in subset:
+        target = export / items[row]
+        assert target.is_symlink() and target.resolve() == (photos / items[row]).resolve()
+
+
+def test_instruction_jsonl_end_to_end(tmp_path):
+    model_path = text_model_path()
+    data = write_instruction_jsonl(tmp_path / "instructions.jsonl", count=20)
+    features = tmp_path / "feats"
+    _ok(["features", data, "-o", features, "--text-model", model_path, "--device", "cpu"])
+    sidecar = json.loads((features / "features.json").read_text())
+    assert sidecar["dims"] == {"features": 384} and "labels" not in sidecar["files"]
+
+    _ok(["bin", "--features", features / "feats.npy", "--bins", 4])
+    export = tmp_path / "export"
+    _ok(["sample", "--bins", features / "bins.npz", "--ratio", 0.25, "--export", export])
+
+    subset = np.load(features / "subset.npy")
+    lines = data.read_text().splitlines()
+    assert (export / "instructions.jsonl").read_text().splitlines() == [lines[i] for i in subset]
+
+
+def test_labelled_npz_gradient_mode_end_to_end(tmp_path):
+    images, labels = digits_arrays(30)
+    np.savez(tmp_path / "digits.npz", images=images, labels=labels)
+    features = tmp_path / "grad"
+    _ok(["features", tmp_path / "digits.npz", "-o", features, "--mode", "gradient", "--device", "cpu"])
+    sidecar = json.loads((features / "features.json").read_text())
+    assert sidecar["dims"] == {"delta": 10, "embed": 512} and not (features / "feats.npy").exists()
+    assert sidecar["img_size"] == 224 and sidecar["source"]["format"] == "npz"
+
+    _ok(["bin", "--features", features / "features.json", "--bins", 2])
+    bins = dqkernels.load_bins(features / "bins.npz")
+    assert bins.meta["gradient_embedding"] and bins.meta["per_class"]
+    export = tmp_path / "export"
+    _ok(["sample", "--bins", features / "bins.npz", "--ratio", 0.5, "--export", export])
+
+    subset = np.load(features / "subset.npy")
+    with np.load(export / "digits.npz") as exported:
+        np.testing.assert_array_equal(exported["images"], images[subset])
+        np.testing.assert_array_equal(exported["labels"], labels[subset])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_bin_accepts_any_float_npy_in_c_or_fortran_order(tmp_path, dtype):
+    features = np.random.default_rng(0).standard_normal((60, 12)).astype(dtype)
+    orders = {}
+    for layout, array in (("c", np.ascontiguousarray(features)), ("f", np.asfortranarray(features))):
+        folder = tmp_path / layout
+        folder.mkdir()
+        np.save(folder / "feats.npy", array)
+        assert np.load(folder / "feats.npy").flags.f_contiguous == (layout == "f")
+        result = invoke(["bin", "--features", folder / "feats.npy", "--bins", "10"])
+        assert result.exit_code == 0, result.output
+        bins = dqkernels.load_bins(folder / "bins.npz")
+        assert bins.bin_sizes.tolist() == [6] * 10 and bins.meta["M"] == 60
+        orders[layout] = bins.order
+    np.testing.assert_array_equal(orders["c"], orders["f"])
+
+
+def test_sample_export_uses_source_when_features_have_no_sidecar(tmp_path):
+    records = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(12)]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    np.save(tmp_path / "feats.npy", np.random.default_rng(1).standard_normal((12, 5)))
+    _ok(["bin", "--features", tmp_path / "feats.npy", "--bins", 3])
+
+    result = invoke(["sample", "--bins", tmp_path / "bins.npz", "--ratio", 0.5, "--export", tmp_path / "a"])
+    assert result.exit_code == 1 and "give the input data with --source" in result.stderr
+    assert not (tmp_path / "subset.npy").exists() and not (tmp_path / "a").exists()
+
+    _ok(["sample", "--bins", tmp_path / "bins.npz", "--ratio", 0.5, "--export", tmp_path / "b",
+         "--source", tmp_path / "data.json"])
+    subset = np.load(tmp_path / "subset.npy")
+    assert json.loads((tmp_path / "b" / "data.json").read_text()) == [records[i] for i in subset]
+
+
+def test_info_describes_features_bins_subset_and_plain_arrays(tmp_path, digits_features):
+    features = tmp_path / "feats"
+    shutil.copytree(digits_features, features)
+    _ok(["bin", "--features", features, "--bins", 4])
+    _ok(["sample", "--bins", features / "bins.npz", "--ratio", 0.5])
+    np.save(tmp_path / "plain.npy", np.asfortranarray(np.zeros((3, 4), np.float16)))
+
+    assert "feature set, 40 samples, mode pooled" in _ok(["info", features]).output
+    assert "features: shape (40, 512), dtype float32" in _ok(["info", features / "feats.npy"]).output
+    bins_info = _ok(["info", features / "bins.npz"]).output
+    assert "40 samples in 4 bins" in bins_info and "bin sizes: 10 10 10 10" in bins_info
+    assert "subset, 20 ids, dtype int64" in _ok(["info", features / "subset.npy"]).output
+    assert "shape (3, 4), dtype float16, Fortran order" in _ok(["info", tmp_path / "plain.npy"]).output
+
+
+def test_run_from_yaml_reuses_finished_stages(tmp_path, digits_folder):
+    config = tmp_path / "dq.yaml"
+    config.write_text(
+        f"input: {digits_folder}\nwork_dir: work\nimg_size: 32\ndevice: cpu\nbins: 4\nratio: 0.25\nexport: out\n"
+    )
+    first = _ok(["run", config, "-q"]).output
+    assert [line.split(":")[0] + ":" + line.split()[1] for line in first.splitlines()] == [
+        "features:wrote", "bins:wrote", "sample:wrote", "export:wrote"
+    ]
+    subset = np.load(tmp_path / "work" / "subset.npy")
+    assert len(list((tmp_path / "out").rglob("*.png"))) == subset.size == 10
+
+    second = _ok(["run", config, "-q"]).output
+    assert all(" reused " in line for line in second.splitlines()) and len(second.splitlines()) == 4
+
+    third = _ok(["run", config, "-q", "--ratio", 0.5]).output.splitlines()
+    assert " reused " in third[0] and " reused " in third[1]
+    assert " wrote " in third[2] and " wrote " in third[3]
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 20  # its own previous export replaced
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """A directory of broken and mismatching inputs, plus valid ones to combine them with."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    rng = np.random.default_rng(0)
+    np.save(root / "feats.npy", rng.standard_normal((20, 8)).astype(np.float32))
+    np.save(root / "short_labels.npy", np.zeros(19, dtype=np.int64))
+    np.save(root / "int_feats.npy", np.zeros((20, 8), dtype=np.int32))
+    (root / "corrupt.npy").write_bytes(b"\x93NUMPY garbage")
+    (root / "corrupt_bins.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    dqkernels.graphcut_bins(np.load(root / "feats.npy"), bins=2).save(root / "bins.npz")
+    (root / "empty_folder").mkdir()
+    images = root / "images" / "only_class"
+    images.mkdir(parents=True)
+    from PIL import Image
+
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(images / "good.png")
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    torch.save({"fc.weight": torch.zeros(3, 3)}, root / "unfit.pth")
+    np.save(root / "unlabelled_images.npy", digits_arrays(4)[0])
+    write_instruction_jsonl(root / "data.jsonl", count=4)
+    (root / "not_empty").mkdir()
+    (root / "not_empty" / "keep.txt").write_text("keep")
+    return root
+
+
+IMAGE_OPTIONS = ["-o", "out", "--img-size", "16", "--device", "cpu"]
+BAD_INVOCATIONS = {
+    "missing features": (["bin", "--features", "missing.npy"], 2, "does not exist"),
+    "corrupt features": (["bin", "--features", "corrupt.npy"], 1, "not a readable .npy"),
+    "integer features": (["bin", "--features", "int_feats.npy"], 1, "expected a 2-D float array"),
+    "labels mismatch": (["bin", "--features", "feats.npy", "--labels", "short_labels.npy"], 1,
+                        "have 19 entries but the features have 20 rows"),
+    "more bins than samples": (["bin", "--features", "feats.npy", "--bins", "21"], 1,
+                               "exceeds the number of samples"),
+    "ratio zero": (["sample", "--bins", "bins.npz", "--ratio", "0"], 2, "'--ratio'"),
+    "ratio above one": (["sample", "--bins", "bins.npz", "--ratio", "1.5"], 2, "'--ratio'"),
+    "corrupt bins": (["sample", "--bins", "corrupt_bins.npz", "--ratio", "0.5"], 1, "bins"),
+    "export into non-empty directory": (
+        ["sample", "--bins", "bins.npz", "--ratio", "0.5", "--export", "not_empty"], 1, "not empty"),
+    "empty folder": (["features", "empty_folder", *IMAGE_OPTIONS], 1, "holds no images"),
+    "unknown model": (["features", "images", *IMAGE_OPTIONS, "--model", "resnet19"], 1, "unknown timm model"),
+    "checkpoint does not fit": (["features", "images", *IMAGE_OPTIONS, "--checkpoint", "unfit.pth"], 1,
+                                "does not fit resnet18"),
+    "unreadable image, strict": (["features", "images", *IMAGE_OPTIONS, "--strict"], 1,
+                                 "cannot read image"),
+    "gradient mode without labels": (["features", "unlabelled_images.npy", *IMAGE_OPTIONS, "--mode", "gradient"],
+                                     1, "needs labels"),
+    "text without a text model": (["features", "data.jsonl", "-o", "out"], 1, "--text-model"),
+    "info on a corrupt file": (["info", "corrupt.npy"], 1, "not a readable .npy"),
+}
+
+
+def _snapshot(root):
+    """{relative path: bytes} of every file under ``root`` (the inputs are all tiny)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _assert_clean_failure(root, before, exit_code, stderr, expected_code, expected_text):
+    lines = stderr.strip().splitlines()
+    assert exit_code == expected_code, stderr
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and expected_text in lines[0], stderr
+    after = _snapshot(root)
+    assert sorted(after) == sorted(before), "files were added or removed"
+    assert all(after[name] == before[name] for name in before), "a file was changed"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["empty_folder", "images", "not_empty"]
+
+
+@pytest.mark.parametrize("case", list(BAD_INVOCATIONS))
+def test_bad_input_is_one_error_line_in_process(bad_inputs, monkeypatch, case):
+    args, expected_code, expected_text = BAD_INVOCATIONS[case]
+    monkeypatch.chdir(bad_inputs)
+    before = _snapshot(bad_inputs)
+    result = invoke(args)
+    _assert_clean_failure(bad_inputs, before, result.exit_code, result.stderr, expected_code, expected_text)
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("case", list(BAD_INVOCATIONS))
+def test_bad_input_is_one_error_line_in_a_subprocess(bad_inputs, case):
+    args, expected_code, expected_text = BAD_INVOCATIONS[case]
+    before = _snapshot(bad_inputs)
+    completed = run_subprocess(args, cwd=bad_inputs)
+    _assert_clean_failure(bad_inputs, before, completed.returncode, completed.stderr, expected_code, expected_text)
+    assert "Traceback" not in completed.stderr and completed.stdout == ""

@@ -1,0 +1,149 @@
+"""Pipeline files: feature sets and their sidecars, fingerprints, atomic outputs, export, resumable runs."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest_data import digits_arrays, digits_features, digits_folder  # noqa: F401  (fixtures)
+import dqkernels
+from dqkernels import pipeline
+
+
+@pytest.fixture
+def feature_dir(tmp_path, digits_features):
+    """A private copy of the digits feature set (tests write bins and subsets into it)."""
+    return shutil.copytree(digits_features, tmp_path / "feats")
+
+
+def test_feature_set_opens_from_directory_sidecar_or_its_npy(feature_dir):
+    from_dir = pipeline.open_feature_set(feature_dir)
+    from_sidecar = pipeline.open_feature_set(feature_dir / "features.json")
+    from_npy = pipeline.open_feature_set(feature_dir / "feats.npy")
+    for feature_set in (from_dir, from_sidecar, from_npy):
+        assert isinstance(feature_set.features, np.memmap) and feature_set.features.shape == (40, 512)
+        assert feature_set.labels.tolist() == [c for c in range(10) for _ in range(4)]
+        assert feature_set.sidecar_path == feature_dir / "features.json"
+    assert pipeline.open_feature_set(feature_dir, use_labels=False).labels is None
+    np.save(feature_dir / "other_labels.npy", np.arange(40) % 2)
+    overridden = pipeline.open_feature_set(feature_dir, labels=feature_dir / "other_labels.npy", use_labels=False)
+    assert overridden.labels.tolist() == (np.arange(40) % 2).tolist()
+
+
+def test_bare_npy_is_not_claimed_by_an_unrelated_sidecar(tmp_path):
+    np.save(tmp_path / "mine.npy", np.ones((5, 3)))
+    (tmp_path / "features.json").write_text('{"written by": "another tool"}')
+    feature_set = pipeline.open_feature_set(tmp_path / "mine.npy")
+    assert feature_set.sidecar is None and feature_set.labels is None
+
+
+def test_gradient_feature_set_becomes_a_grad_embedding(tmp_path):
+    images, labels = digits_arrays(12)
+    np.savez(tmp_path / "digits.npz", images=images, labels=labels)
+    pipeline.extract_features(tmp_path / "digits.npz", tmp_path / "grad", mode="gradient", img_size=32, device="cpu")
+    feature_set = pipeline.open_feature_set(tmp_path / "grad" / "embed.npy")
+    assert isinstance(feature_set.features, dqkernels.GradEmbedding)
+    assert feature_set.features.delta.shape == (12, 10) and feature_set.features.embed.shape == (12, 512)
+    np.testing.assert_allclose(feature_set.features.delta.sum(axis=1), 0.0, atol=1e-6)  # softmax − onehot
+    assert feature_set.labels.tolist() == labels.tolist()
+
+
+def test_fingerprints_follow_content(tmp_path, digits_folder):
+    listing = ["0/0000.png", "1/0001.png"]
+    folder_fp = pipeline.fingerprint_file_listing(digits_folder, listing)
+    assert folder_fp == pipeline.fingerprint_file_listing(digits_folder, listing[::-1])
+    copy = shutil.copytree(digits_folder, tmp_path / "copy")
+    os.utime(copy / listing[0], ns=(1, 1))
+    assert pipeline.fingerprint_file_listing(copy, listing) != folder_fp
+
+    values = np.arange(12, dtype=np.float32).reshape(4, 3)
+    assert pipeline.fingerprint_arrays(values) == pipeline.fingerprint_arrays(values.copy())
+    assert pipeline.fingerprint_arrays(values) != pipeline.fingerprint_arrays(values.astype(np.float64))
+    assert pipeline.fingerprint_arrays(values) != pipeline.fingerprint_arrays(values, np.zeros(4, np.int64))
+    assert pipeline.fingerprint_document({"a": 1, "b": 2}) == pipeline.fingerprint_document({"b": 2, "a": 1})
+
+
+def test_failed_stages_write_nothing(tmp_path, feature_dir):
+    np.save(tmp_path / "bad_labels.npy", np.zeros(39, dtype=np.int64))
+    before = sorted(os.listdir(feature_dir))
+    with pytest.raises(ValueError, match="have 39 entries but the features have 40 rows"):
+        pipeline.make_bins(feature_dir, 4, labels=tmp_path / "bad_labels.npy")
+    assert sorted(os.listdir(feature_dir)) == before
+
+    broken = tmp_path / "images" / "a"
+    broken.mkdir(parents=True)
+    (broken / "x.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read image"):
+        pipeline.extract_features(tmp_path / "images", tmp_path / "out", img_size=16, device="cpu", strict=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_skipped_images_are_recorded(tmp_path, digits_folder):
+    images = shutil.copytree(digits_folder, tmp_path / "images")
+    (images / "3" / "9999.png").write_bytes(b"not a png")
+    sidecar = pipeline.extract_features(images, tmp_path / "feats", img_size=32, device="cpu")
+    assert sidecar["skipped"] == {"count": 1, "items": ["3/9999.png"]}
+    assert sidecar["count"] == 40 and sidecar["source"]["count"] == 41
+    with open(tmp_path / "feats" / "items.jsonl") as handle:
+        items = [json.loads(line) for line in handle]
+    assert "3/9999.png" not in items and len(items) == 40
+
+
+def test_export_checks_destination_and_ids(tmp_path, feature_dir):
+    outcome = pipeline.make_bins(feature_dir, 4)
+    subset = pipeline.draw_subset(outcome.path, 0.25)
+    sidecar = subset.manifest["features_sidecar"]
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    with pytest.raises(ValueError, match="already exists and is not empty"):
+        pipeline.export_subset(subset.indices, tmp_path / "taken", features_sidecar=sidecar)
+    with pytest.raises(ValueError, match="subset id 40 is out of range"):
+        pipeline.export_subset(np.array([0, 40]), tmp_path / "new", features_sidecar=sidecar)
+    assert not (tmp_path / "new").exists()
+
+    pipeline.export_subset(subset.indices, tmp_path / "first", features_sidecar=sidecar)
+    pipeline.export_subset(subset.indices[:3], tmp_path / "first", features_sidecar=sidecar, replace=True)
+    assert len(list((tmp_path / "first").rglob("*.png"))) == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith((".tmp", ".old"))]
+
+
+def test_pipeline_config_from_yaml(tmp_path):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "dq.yaml").write_text("input: ../data\nwork-dir: runs\nbins: 5\nper_class: false\n")
+    config = pipeline.PipelineConfig.from_yaml(tmp_path / "cfg" / "dq.yaml")
+    assert config.input == str((tmp_path / "data").resolve())
+    assert config.work_dir == str((tmp_path / "cfg" / "runs").resolve())
+    assert (config.bins, config.per_class, config.ratio) == (5, False, 0.1)
+
+    (tmp_path / "typo.yaml").write_text("ratoi: 0.2\n")
+    with pytest.raises(ValueError, match="unknown key 'ratoi'"):
+        pipeline.PipelineConfig.from_yaml(tmp_path / "typo.yaml")
+
+
+def test_run_pipeline_recomputes_only_stages_whose_inputs_changed(tmp_path, digits_folder):
+    images = shutil.copytree(digits_folder, tmp_path / "images")
+    config = pipeline.PipelineConfig(
+        input=str(images), work_dir=str(tmp_path / "work"), img_size=32, device="cpu", bins=4, ratio=0.5
+    )
+
+    def run():
+        log = []
+        pipeline.run_pipeline(config, log=log.append)
+        return [line.split()[1] for line in log]
+
+    assert run() == ["wrote", "wrote", "wrote"]
+    first_subset = np.load(tmp_path / "work" / "subset.npy")
+    assert run() == ["reused", "reused", "reused"]
+
+    config.bins = 2
+    assert run() == ["reused", "wrote", "wrote"]
+    os.utime(images / "0" / "0000.png", ns=(5, 5))  # input changed: everything is redone
+    assert run() == ["wrote", "wrote", "wrote"]
+    (tmp_path / "work" / "features" / "feats.npy").unlink()  # a missing output is redone too
+    assert run() == ["wrote", "reused", "reused"]
+    config.bins = 4
+    assert run() == ["reused", "wrote", "wrote"]
+    np.testing.assert_array_equal(np.load(tmp_path / "work" / "subset.npy"), first_subset)  # deterministic
