@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -99,7 +100,7 @@ def load_bins(path) -> BinResult:
             offsets = data["bin_offsets"].astype(np.int64)
             labels = data["labels"].astype(np.int64) if "labels" in data.files else None
             meta = json.loads(str(data["meta"]))
-    except (OSError, KeyError, ValueError, EOFError) as exc:
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise ValueError(f"not a dqkernels bins file: {path} ({exc})") from None
     m = len(order)
     if (
@@ -156,6 +157,9 @@ def _working_features(features, metric: str, problem_offsets: np.ndarray, dtype)
         return np.ascontiguousarray(delta, dtype=dtype), np.ascontiguousarray(embed, dtype=dtype)
     x = features.astype(np.float64)
     if metric == "cosine":
+        # Scale by the row's largest entry first, so huge rows normalise without overflow.
+        peak = np.abs(x).max(axis=1)
+        x /= np.where(peak > 0, peak, 1.0)[:, None]
         norms = np.linalg.norm(x, axis=1)
         zero = np.flatnonzero(norms == 0)
         if len(zero):
@@ -166,8 +170,14 @@ def _working_features(features, metric: str, problem_offsets: np.ndarray, dtype)
         x /= norms[:, None]
     for lo, hi in zip(problem_offsets[:-1], problem_offsets[1:]):
         x[lo:hi] -= x[lo:hi].mean(axis=0)
-    if not np.isfinite(np.einsum("ij,ij->i", x, x)).all():
-        raise ValueError("features: values too large, squared norms overflow")
+    with np.errstate(over="ignore"):
+        largest = float(np.einsum("ij,ij->i", x, x).max())
+    # δ = n_x + n_p − 2·f_x·f_p and the running sums must stay finite in the working dtype.
+    if not largest * 4 * len(x) < float(np.finfo(dtype).max):
+        raise ValueError(
+            f"features: values too large for {np.dtype(dtype).name} arithmetic "
+            f"(largest squared norm {largest:.3g}); rescale them or pass precision='float64'"
+        )
     return np.ascontiguousarray(x, dtype=dtype), None
 
 
