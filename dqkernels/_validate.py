@@ -20,6 +20,14 @@ class GradEmbedding(NamedTuple):
     embed: object
 
 
+def source_dtype_name(value) -> str:
+    """The element type the caller passed, before any widening: "float16", "bfloat16", ..."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        return str(np.asarray(value).dtype)
+    return str(dtype).replace("torch.", "")
+
+
 def as_float_matrix(value, name: str) -> np.ndarray:
     """A (M, d) floating numpy view of a numpy array or torch tensor, finite, non-empty.
 
@@ -46,10 +54,12 @@ def as_float_matrix(value, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be a 2-D (samples, dims) array, got shape {array.shape}")
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ValueError(f"{name} is empty (shape {array.shape})")
-    finite = np.isfinite(array).all(axis=1)
-    if not finite.all():
-        row = int(np.flatnonzero(~finite)[0])
-        raise ValueError(f"{name} contains NaN or inf (first at row {row})")
+    chunk = max(1, (1 << 24) // array.shape[1])  # bounded temporaries for memory-mapped input
+    for lo in range(0, array.shape[0], chunk):
+        finite = np.isfinite(array[lo : lo + chunk]).all(axis=1)
+        if not finite.all():
+            row = lo + int(np.flatnonzero(~finite)[0])
+            raise ValueError(f"{name} contains NaN or inf (first at row {row})")
     return array
 
 

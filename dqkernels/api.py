@@ -20,11 +20,12 @@ from ._validate import (
     as_float_matrix,
     as_labels,
     as_positive_int,
+    source_dtype_name,
 )
 from .sizes import bin_sizes_per_problem
 
 METRICS = ("cosine", "euclidean")
-BACKENDS = ("auto", "cpu", "reference")
+BACKENDS = ("auto", "cpu", "torch", "triton", "reference")
 FORMS = ("auto", "gram", "stream")
 PRECISIONS = ("float32", "float64")
 # Below this many dims per sample a streaming step is as cheap as reading a Gram row, and the
@@ -134,51 +135,84 @@ def _features_checksum(features) -> str:
     return digest.hexdigest()
 
 
-def _working_features(features, metric: str, problem_offsets: np.ndarray, dtype):
-    """Rows as the engine sees them: float64 math, cast to the working ``dtype`` at the end.
+_CHUNK_ROWS = 1 << 14
+
+
+def _row_chunks(rows: np.ndarray):
+    for lo in range(0, len(rows), _CHUNK_ROWS):
+        yield lo, rows[lo : lo + _CHUNK_ROWS]
+
+
+def _unit_rows(block: np.ndarray) -> np.ndarray:
+    """Float64 rows scaled to unit length (scaled by their largest entry first, so huge rows
+    do not overflow). Raises for an all-zero row."""
+    block = block.astype(np.float64)
+    peak = np.abs(block).max(axis=1)
+    if (peak == 0).any():
+        raise ValueError("zero")
+    block /= peak[:, None]
+    block /= np.linalg.norm(block, axis=1, keepdims=True)
+    return block
+
+
+def _working_features(features, metric: str, perm: np.ndarray, problem_offsets, dtype):
+    """Rows as the engine sees them, in problem order: x[i] = transform(features[perm[i]]).
 
     Plain features: cosine rows are L2-normalised; every problem is then centred on its own mean
     (distances do not change, and float32 Gram entries lose no digits to a common offset).
     Gradient embeddings: cosine scales δ_i by 1/‖g_i‖ (g is linear in δ).
+    Works in float64 on row chunks, so only the working copy (M×d in ``dtype``) is allocated
+    whole: memory-mapped inputs larger than RAM are read twice, never copied.
     Returns (x, embed or None).
     """
     if isinstance(features, GradEmbedding):
-        delta = features.delta.astype(np.float64)
-        embed = features.embed.astype(np.float64)
+        delta = features.delta[perm].astype(np.float64)
+        embed = features.embed[perm].astype(np.float64)
         if metric == "cosine":
-            norms = np.sqrt(np.einsum("ij,ij->i", delta, delta) * (1.0 + np.einsum("ij,ij->i", embed, embed)))
+            norms = np.sqrt(
+                np.einsum("ij,ij->i", delta, delta) * (1.0 + np.einsum("ij,ij->i", embed, embed))
+            )
             zero = np.flatnonzero(norms == 0)
             if len(zero):
                 raise ValueError(
-                    f"features: gradient embedding of row {int(zero[0])} is zero; "
+                    f"features: gradient embedding of row {int(perm[zero[0]])} is zero; "
                     "cosine needs non-zero rows (use metric='euclidean')"
                 )
             delta /= norms[:, None]
         return np.ascontiguousarray(delta, dtype=dtype), np.ascontiguousarray(embed, dtype=dtype)
-    x = features.astype(np.float64)
-    if metric == "cosine":
-        # Scale by the row's largest entry first, so huge rows normalise without overflow.
-        peak = np.abs(x).max(axis=1)
-        x /= np.where(peak > 0, peak, 1.0)[:, None]
-        norms = np.linalg.norm(x, axis=1)
-        zero = np.flatnonzero(norms == 0)
-        if len(zero):
+
+    def rows_as_seen(ids):
+        if metric != "cosine":
+            return features[ids].astype(np.float64)
+        try:
+            return _unit_rows(features[ids])
+        except ValueError:
+            bad = ids[np.abs(features[ids]).max(axis=1) == 0][0]
             raise ValueError(
-                f"features: row {int(zero[0])} is all zeros; cosine needs non-zero rows "
+                f"features: row {int(bad)} is all zeros; cosine needs non-zero rows "
                 "(use metric='euclidean')"
-            )
-        x /= norms[:, None]
+            ) from None
+
+    x = np.empty(features.shape, dtype=dtype)
+    largest = 0.0
     for lo, hi in zip(problem_offsets[:-1], problem_offsets[1:]):
-        x[lo:hi] -= x[lo:hi].mean(axis=0)
-    with np.errstate(over="ignore"):
-        largest = float(np.einsum("ij,ij->i", x, x).max())
+        members = perm[lo:hi]
+        total = np.zeros(features.shape[1])
+        for _, ids in _row_chunks(members):
+            total += rows_as_seen(ids).sum(axis=0)
+        mean = total / max(len(members), 1)
+        for start, ids in _row_chunks(members):
+            block = rows_as_seen(ids) - mean
+            with np.errstate(over="ignore"):
+                largest = max(largest, float(np.einsum("ij,ij->i", block, block).max()))
+            x[lo + start : lo + start + len(ids)] = block
     # δ = n_x + n_p − 2·f_x·f_p and the running sums must stay finite in the working dtype.
     if not largest * 4 * len(x) < float(np.finfo(dtype).max):
         raise ValueError(
             f"features: values too large for {np.dtype(dtype).name} arithmetic "
             f"(largest squared norm {largest:.3g}); rescale them or pass precision='float64'"
         )
-    return np.ascontiguousarray(x, dtype=dtype), None
+    return x, None
 
 
 def graphcut_bins(
@@ -216,10 +250,7 @@ def graphcut_bins(
     as_choice(metric, METRICS, "metric")
     as_choice(backend, BACKENDS, "backend")
     as_choice(form, FORMS, "form")
-    if device not in (None, "cpu"):
-        raise ValueError(
-            f"device={device!r}: this build has the CPU engine only; use device='cpu' or None"
-        )
+    device = _resolve_device(device, backend)
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not np.isfinite(lam) or lam <= 0:
         raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
     lam = float(lam)
@@ -233,10 +264,12 @@ def graphcut_bins(
             )
         user_features = GradEmbedding(delta, embed)
         input_dtype = np.result_type(delta.dtype, embed.dtype)
+        source_dtype = ",".join(sorted({source_dtype_name(features.delta), source_dtype_name(features.embed)}))
         dims = [int(delta.shape[1]), int(embed.shape[1])]
     else:
         user_features = as_float_matrix(features, "features")
         input_dtype = user_features.dtype
+        source_dtype = source_dtype_name(features)
         dims = [int(user_features.shape[1])]
     m = len(user_features[0]) if isinstance(user_features, GradEmbedding) else len(user_features)
     n_bins = as_positive_int(bins, "bins")
@@ -263,20 +296,29 @@ def graphcut_bins(
     bin_sizes = bin_sizes_per_problem(class_counts, n_bins, sizes)
     offsets = np.concatenate([[0], np.cumsum(class_counts)]).astype(np.int64)
 
-    permuted = (
-        GradEmbedding(user_features.delta[perm], user_features.embed[perm])
-        if isinstance(user_features, GradEmbedding)
-        else user_features[perm]
-    )
     dtype = np.float32 if precision == "float32" else np.float64
-    x, embed_work = _working_features(permuted, metric, offsets, dtype)
+    x, embed_work = _working_features(user_features, metric, perm, offsets, dtype)
 
     if backend == "reference":
         local_order = _run_reference(x, embed_work, offsets, bin_sizes, lam)
         used_backend, used_form = "reference", "reference"
+    elif backend in ("torch", "triton") or (backend == "auto" and device != "cpu"):
+        from .torch_engine import graphcut_bins_torch
+
+        used_backend = "triton" if backend == "triton" else "torch"
+        local_order = graphcut_bins_torch(
+            x, embed_work, offsets, bin_sizes, lam, device, step=used_backend
+        )
+        used_form = "gram"
     else:
         use_gram = _choose_forms(class_counts, sum(dims), dtype, form, memory_budget, threads)
-        from . import _C
+        try:
+            from . import _C
+        except ImportError as exc:
+            raise ValueError(
+                f"backend={backend!r}: the C++ engine is not built ({exc}); reinstall with "
+                "`pip install -e .`, or pass backend='reference'"
+            ) from None
 
         local_order = _C.graphcut_cpu(
             x, embed_work, offsets, bin_sizes, lam, use_gram, int(threads or 0)
@@ -293,13 +335,34 @@ def graphcut_bins(
         "M": m,
         "dims": dims,
         "gradient_embedding": isinstance(user_features, GradEmbedding),
-        "dtype": str(input_dtype),
+        "dtype": source_dtype,
         "precision": precision,
         "sizes": sizes if isinstance(sizes, str) else [int(s) for s in bin_sizes[0]],
         "version": _version(),
         "checksum": _features_checksum(user_features),
     }
     return BinResult(order, bin_offsets, label_array, used_backend, used_form, meta)
+
+
+def _resolve_device(device, backend) -> str:
+    """The torch device string the engines run on ("cpu" for the C++ engine and the reference)."""
+    if device is None:
+        return "cpu"
+    name = str(device)
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if name.startswith("cuda"):
+        if backend in ("cpu", "reference"):
+            raise ValueError(f"backend={backend!r} runs on the CPU; it cannot use device={name!r}")
+        try:
+            import torch
+        except ImportError:
+            raise ValueError(f"device={name!r} needs torch with CUDA; torch is not installed") from None
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r}: no CUDA device is available to torch")
+    elif backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend='triton' needs device='cuda' (or TRITON_INTERPRET=1 on the CPU)")
+    return name
 
 
 def _choose_forms(class_counts, dims, dtype, form, memory_budget, threads) -> np.ndarray:

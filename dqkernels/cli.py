@@ -128,6 +128,8 @@ def features_command(input_path, out_dir, model, checkpoint, mode, grad_delta, t
     uint8 or float in [0,1]; a .npz may hold 'labels'), or instruction data (.json/.jsonl records
     with instruction/input/output, needs --text-model).
     """
+    if grad_delta != "standard" and mode != "gradient":
+        raise click.UsageError("--grad-delta applies to --mode gradient only")
     sidecar = pipeline.extract_features(
         input_path, out_dir, model=model, checkpoint=checkpoint, mode=mode, grad_delta=grad_delta,
         text_model=text_model, num_classes=num_classes, img_size=img_size, batch_size=batch_size,
@@ -237,12 +239,13 @@ def sample_command(bins_path, ratio, seed, allocation, out, export_dir, source, 
               help="Local sentence-embedding model directory for instruction data.")
 @click.option("--img-size", type=click.IntRange(min=8), help="Image size in pixels. Default: the model's.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Batch size for features. Default: 64.")
-@click.option("--device", type=DEVICE, help="cpu, cuda or cuda:N for features and binning.")
+@click.option("--device", type=DEVICE, help="cpu, cuda or cuda:N for features. Default: cuda when available.")
 @click.option("--workers", type=click.IntRange(min=0), help="Image-decoding processes. Default: 0.")
 @click.option("--bins", type=click.IntRange(min=1), help="Number of bins. Default: 10.")
 @click.option("--per-class/--no-per-class", default=None,
               help="Bin each class on its own when labels are known. Default: per class.")
 @click.option("--metric", type=click.Choice(METRICS), help="Distance. Default: cosine.")
+@click.option("--bin-device", type=DEVICE, help="cpu, cuda or cuda:N for binning. Default: the library's choice.")
 @click.option("--backend", type=click.Choice(BACKENDS), help="Kernel backend. Default: auto.")
 @click.option("--sizes", type=click.Choice(["split", "official"]), help="Bin sizes rule. Default: split.")
 @click.option("--ratio", type=click.FloatRange(0, 1, min_open=True), help="Fraction kept, in (0, 1]. Default: 0.1.")
@@ -254,14 +257,16 @@ def sample_command(bins_path, ratio, seed, allocation, out, export_dir, source, 
 def run_command(config_path: Optional[Path], quiet: bool, **options):
     """Run features -> bins -> sample (-> export) in one go, resumably.
 
-    CONFIG is a YAML file of option names (e.g. `input: data/`, `bins: 10`, `ratio: 0.1`);
-    command-line options override it. A stage whose inputs and options have not changed since
-    its output was written is reused.
+    CONFIG is a YAML file of option names (e.g. `input: data/`, `bins: 10`, `ratio: 0.1`;
+    also `num_classes`, `lam`, `strict` and `feature_seed`, which have no option here), with
+    paths relative to the file; command-line options override it. A stage whose inputs and
+    options have not changed since its output was written is reused.
     """
     config = pipeline.PipelineConfig.from_yaml(config_path) if config_path else pipeline.PipelineConfig()
     for name, value in options.items():
         if value is not None:
-            setattr(config, name if name != "input_path" else "input", str(value) if isinstance(value, Path) else value)
+            field_name = "input" if name == "input_path" else name
+            setattr(config, field_name, str(value) if isinstance(value, Path) else value)
     pipeline.run_pipeline(config, log=click.echo, progress=_show_progress(quiet))
 
 

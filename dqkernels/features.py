@@ -251,6 +251,24 @@ def _first_few(items: Sequence[str], shown: int = 3) -> str:
     return ", ".join(items[:shown]) + (", ..." if len(items) > shown else "")
 
 
+def resolve_device(device=None):
+    """``torch.device`` for ``device`` ("cpu", "cuda", "cuda:N"; default: cuda when available).
+
+    Raises ValueError for a CUDA device on a machine without one.
+    """
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device {device!r} is not a torch device ({error})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+    return resolved
+
+
 def gradient_delta(logits, labels, kind: str = "standard"):
     """δ = ∂CE/∂z per sample: (B, C) float32 from logits (B, C) and int64 labels (B,).
 
@@ -288,7 +306,10 @@ def _resize_normalize(batch, img_size: int, mean, std):
 
 
 class _ImageFileDataset:
-    """Decodes one image file to a (3, H, W) float tensor in [0, 1]; a failure is returned, not raised."""
+    """Item ``row``: (row, uint8 pixels (3, S, S) or None, None or the reason decoding failed).
+
+    The image is converted to RGB and resized to S = img_size; a failure is returned, not raised.
+    """
 
     def __init__(self, paths: Sequence[str], img_size: int):
         self.paths = list(paths)
@@ -323,7 +344,7 @@ def _collate_decoded(items):
     return rows, pixels, failures
 
 
-def _file_batches(paths, img_size, batch_size, num_workers) -> Iterator:
+def _file_batches(paths, img_size, batch_size, num_workers, pin_memory) -> Iterator:
     """Yield (rows (B,) int64, uint8 pixels (B, 3, S, S) or None, failures) over image files."""
     from torch.utils.data import DataLoader
 
@@ -333,6 +354,7 @@ def _file_batches(paths, img_size, batch_size, num_workers) -> Iterator:
         shuffle=False,
         num_workers=num_workers,
         collate_fn=_collate_decoded,
+        pin_memory=pin_memory,
     )
     yield from loader
 
@@ -403,7 +425,7 @@ def extract_image_features(
             )
         label_tensor = torch.as_tensor(labels, dtype=torch.int64)
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     model = model.to(device).eval()
     img_size = img_size or int(model.pretrained_cfg["input_size"][-1])
     mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
@@ -413,7 +435,7 @@ def extract_image_features(
         else contextlib.nullcontext()
     )
     batches = (
-        _file_batches(image_paths, img_size, batch_size, num_workers)
+        _file_batches(image_paths, img_size, batch_size, num_workers, pin_memory=device.type == "cuda")
         if image_paths is not None
         else _array_batches(images, batch_size)
     )

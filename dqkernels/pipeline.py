@@ -127,6 +127,23 @@ def input_kind(input_path: str | os.PathLike) -> str:
     )
 
 
+@dataclass
+class _ExtractedFeatures:
+    """Arrays and descriptions produced by one feature-extraction pass, before writing.
+
+    arrays: {"features": (N, D)} or {"delta": (N, C), "embed": (N, D)}, float32.
+    labels: (N,) int64 or None. items: image-folder path of each row, or None.
+    skipped: relative paths of unreadable images. source / model: sidecar sections.
+    """
+
+    arrays: dict
+    labels: Optional[np.ndarray]
+    items: Optional[list]
+    skipped: list
+    source: dict
+    model: dict
+
+
 def extract_features(
     input_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -150,124 +167,131 @@ def extract_features(
 
     Image inputs (a folder or an array file) run through the timm ``model`` (random init from
     ``seed`` unless ``checkpoint``); instruction data (.json/.jsonl) through the local
-    sentence-embedding model ``text_model``. Returns the sidecar document that was written.
+    sentence-embedding model ``text_model``. Nothing is written unless extraction succeeds.
+    Returns the sidecar document that was written.
     """
     input_path = Path(input_path).resolve()
     kind = input_kind(input_path)
-    source: dict = {"path": str(input_path), "kind": kind}
-    labels = None
-    items = None
-    skipped: list[str] = []
     if kind == "text":
-        from .text import embed_texts, read_instruction_records, record_text
-
-        if text_model is None:
-            raise ValueError("instruction data needs a local sentence-embedding model (--text-model)")
         if mode != "pooled":
             raise ValueError("gradient mode needs labelled images; instruction data supports mode 'pooled'")
-        instructions = read_instruction_records(input_path)
-        source.update(
-            format=instructions.file_format,
-            count=len(instructions.records),
-            fingerprint=fingerprint_file(input_path),
-        )
-        arrays = {
-            "features": embed_texts(
-                [record_text(record) for record in instructions.records],
-                text_model,
-                batch_size=batch_size,
-                device=device,
-                progress=progress,
-            )
-        }
-        model_meta = {"model": "sentence-transformers", "model_path": str(Path(text_model).resolve())}
+        extracted = _text_features(input_path, text_model, batch_size, device, progress)
     else:
-        from .features import build_model, extract_image_features, list_image_folder, load_image_array
-
-        if kind == "image-folder":
-            listing = list_image_folder(input_path)
-            all_labels = listing.labels
-            source.update(
-                format="folder",
-                count=len(listing.relative_paths),
-                classes=listing.class_names,
-                fingerprint=fingerprint_file_listing(input_path, listing.relative_paths),
-            )
-            image_inputs = {"image_paths": [str(input_path / p) for p in listing.relative_paths]}
-            data_classes = len(listing.class_names)
-        else:
-            images, all_labels = load_image_array(input_path)
-            source.update(
-                format=input_path.suffix[1:],
-                count=int(images.shape[0]),
-                fingerprint=fingerprint_arrays(images, all_labels),
-            )
-            image_inputs = {"images": images}
-            data_classes = int(all_labels.max()) + 1 if all_labels is not None else None
-        if num_classes is None and checkpoint is None:
-            num_classes = data_classes
-        network = build_model(model, checkpoint=checkpoint, num_classes=num_classes, seed=seed)
-        extracted = extract_image_features(
-            network,
-            labels=all_labels,
-            mode=mode,
-            grad_delta=grad_delta,
-            img_size=img_size,
-            batch_size=batch_size,
-            device=device,
-            num_workers=workers,
-            strict=strict,
-            progress=progress,
-            **image_inputs,
+        extracted = _image_features(
+            input_path, kind, model=model, checkpoint=checkpoint, mode=mode, grad_delta=grad_delta,
+            num_classes=num_classes, img_size=img_size, batch_size=batch_size, device=device,
+            workers=workers, strict=strict, seed=seed, progress=progress,
         )
-        if mode == "pooled":
-            arrays = {"features": extracted.pooled}
-        else:
-            arrays = {"delta": extracted.delta, "embed": extracted.embed}
-        if all_labels is not None:
-            labels = all_labels[extracted.kept_rows]
-        if kind == "image-folder":
-            items = [listing.relative_paths[row] for row in extracted.kept_rows]
-            skipped = [listing.relative_paths[row] for row, _ in extracted.skipped]
-        model_meta = {
-            "model": model,
-            "checkpoint": str(Path(checkpoint).resolve()) if checkpoint is not None else "random-init",
-            "checkpoint_sha256": fingerprint_file(checkpoint) if checkpoint is not None else None,
-            "seed": None if checkpoint is not None else seed,
-            "num_classes": int(network.num_classes),
-            "img_size": int(img_size or network.pretrained_cfg["input_size"][-1]),
-        }
-        if mode == "gradient":
-            model_meta["grad_delta"] = grad_delta
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     file_names = {"features": FEATURES_FILE, "delta": DELTA_FILE, "embed": EMBED_FILE}
     files = {}
-    for name, values in arrays.items():
+    for name, values in extracted.arrays.items():
         save_npy(out_dir / file_names[name], values)
         files[name] = file_names[name]
-    if labels is not None:
-        save_npy(out_dir / LABELS_FILE, labels)
+    if extracted.labels is not None:
+        save_npy(out_dir / LABELS_FILE, extracted.labels)
         files["labels"] = LABELS_FILE
-    if items is not None:
-        write_lines(out_dir / ITEMS_FILE, (json.dumps(item) for item in items))
+    if extracted.items is not None:
+        write_lines(out_dir / ITEMS_FILE, (json.dumps(item) for item in extracted.items))
         files["items"] = ITEMS_FILE
-    first = next(iter(arrays.values()))
+    first = next(iter(extracted.arrays.values()))
     sidecar = {
         "format": FEATURES_FORMAT,
         "mode": mode,
-        **model_meta,
+        **extracted.model,
         "count": int(first.shape[0]),
-        "dims": {name: int(values.shape[1]) for name, values in arrays.items()},
+        "dims": {name: int(values.shape[1]) for name, values in extracted.arrays.items()},
         "dtype": str(first.dtype),
         "files": files,
-        "source": source,
-        "skipped": {"count": len(skipped), "items": skipped},
+        "source": extracted.source,
+        "skipped": {"count": len(extracted.skipped), "items": extracted.skipped},
         "stage_fingerprint": stage_fingerprint,
     }
-    write_json(out_dir / SIDECAR_NAME, sidecar)
+    write_json(out_dir / SIDECAR_NAME, sidecar)  # last: a sidecar means the set is complete
     return sidecar
+
+
+def _text_features(input_path: Path, text_model, batch_size: int, device, progress: bool) -> _ExtractedFeatures:
+    """Sentence embeddings of every instruction record, in file order."""
+    from .text import embed_texts, read_instruction_records, record_text
+
+    if text_model is None:
+        raise ValueError("instruction data needs a local sentence-embedding model (--text-model)")
+    instructions = read_instruction_records(input_path)
+    embeddings = embed_texts(
+        [record_text(record) for record in instructions.records],
+        text_model,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    )
+    source = {
+        "path": str(input_path),
+        "kind": "text",
+        "format": instructions.file_format,
+        "count": len(instructions.records),
+        "fingerprint": fingerprint_file(input_path),
+    }
+    model = {"model": "sentence-transformers", "checkpoint": str(Path(text_model).resolve())}
+    return _ExtractedFeatures({"features": embeddings}, None, None, [], source, model)
+
+
+def _image_features(input_path: Path, kind: str, *, model: str, checkpoint, num_classes, seed: int,
+                    workers: int, **extraction_options) -> _ExtractedFeatures:
+    """timm features of an image folder or image array (see ``extract_image_features``)."""
+    from .features import build_model, extract_image_features, list_image_folder, load_image_array
+
+    source = {"path": str(input_path), "kind": kind}
+    if kind == "image-folder":
+        listing = list_image_folder(input_path)
+        all_labels = listing.labels
+        source.update(
+            format="folder",
+            count=len(listing.relative_paths),
+            classes=listing.class_names,
+            fingerprint=fingerprint_file_listing(input_path, listing.relative_paths),
+        )
+        image_inputs = {"image_paths": [str(input_path / p) for p in listing.relative_paths]}
+        data_classes = len(listing.class_names)
+    else:
+        images, all_labels = load_image_array(input_path)
+        source.update(
+            format=input_path.suffix[1:],
+            count=int(images.shape[0]),
+            fingerprint=fingerprint_arrays(images, all_labels),
+        )
+        image_inputs = {"images": images}
+        data_classes = int(all_labels.max()) + 1 if all_labels is not None else None
+    if num_classes is None and checkpoint is None:
+        num_classes = data_classes
+    network = build_model(model, checkpoint=checkpoint, num_classes=num_classes, seed=seed)
+    extracted = extract_image_features(
+        network, labels=all_labels, num_workers=workers, **image_inputs, **extraction_options
+    )
+    mode = extraction_options["mode"]
+    arrays = {"features": extracted.pooled} if mode == "pooled" else {
+        "delta": extracted.delta, "embed": extracted.embed
+    }
+    model_meta = {
+        "model": model,
+        "checkpoint": str(Path(checkpoint).resolve()) if checkpoint is not None else "random-init",
+        "checkpoint_sha256": fingerprint_file(checkpoint) if checkpoint is not None else None,
+        "seed": None if checkpoint is not None else seed,
+        "num_classes": int(network.num_classes),
+        "img_size": int(extraction_options["img_size"] or network.pretrained_cfg["input_size"][-1]),
+    }
+    if mode == "gradient":
+        model_meta["grad_delta"] = extraction_options["grad_delta"]
+    return _ExtractedFeatures(
+        arrays=arrays,
+        labels=all_labels[extracted.kept_rows] if all_labels is not None else None,
+        items=[listing.relative_paths[row] for row in extracted.kept_rows] if kind == "image-folder" else None,
+        skipped=[listing.relative_paths[row] for row, _ in extracted.skipped] if kind == "image-folder" else [],
+        source=source,
+        model=model_meta,
+    )
 
 
 @dataclass
@@ -289,7 +313,9 @@ class FeatureSet:
     @property
     def count(self) -> int:
         """Number of samples M."""
-        rows = self.features.delta if hasattr(self.features, "delta") else self.features
+        from . import GradEmbedding
+
+        rows = self.features.delta if isinstance(self.features, GradEmbedding) else self.features
         return int(rows.shape[0])
 
 
@@ -413,13 +439,12 @@ def make_bins(
     """Run ``dqkernels.graphcut_bins`` on a feature set and save the result.
 
     out: the ``.npz`` to write; default ``bins.npz`` beside the features (inside a feature-set
-    directory). The saved metadata names the features, their sidecar and the labels file.
+    directory). The saved metadata also names the features (``features_path``) and their
+    sidecar (``features_sidecar``, None for bare features), which ``dqk sample --export`` follows.
     """
     from . import graphcut_bins
 
     feature_set = open_feature_set(features, labels=labels, use_labels=use_labels)
-    if bins > feature_set.count:
-        raise ValueError(f"bins = {bins} exceeds the number of samples ({feature_set.count})")
     if out is None:
         base = feature_set.path if feature_set.path.is_dir() else feature_set.path.parent
         out = base / "bins.npz"
@@ -655,7 +680,7 @@ class PipelineConfig:
 
     input: Optional[str] = None
     work_dir: Optional[str] = None
-    # features (device: also used for binning)
+    # features
     model: str = "resnet18"
     checkpoint: Optional[str] = None
     mode: str = "pooled"
@@ -673,6 +698,7 @@ class PipelineConfig:
     per_class: bool = True
     metric: str = "cosine"
     lam: float = 1.0
+    bin_device: Optional[str] = None
     backend: str = "auto"
     sizes: str = "split"
     # sample
@@ -764,7 +790,7 @@ def run_pipeline(config: PipelineConfig, log: Callable[[str], None] = print, pro
     bins_fp = fingerprint_document(
         {
             "features": features_fp,
-            **{key: options[key] for key in ("bins", "per_class", "metric", "lam", "device", "backend", "sizes")},
+            **{key: options[key] for key in ("bins", "per_class", "metric", "lam", "bin_device", "backend", "sizes")},
         }
     )
     if _recorded_fingerprint(bins_path, "bins") == bins_fp:
@@ -777,7 +803,7 @@ def run_pipeline(config: PipelineConfig, log: Callable[[str], None] = print, pro
             use_labels=config.per_class,
             metric=config.metric,
             lam=config.lam,
-            device=config.device,
+            device=config.bin_device,
             backend=config.backend,
             sizes=config.sizes,
             stage_fingerprint=bins_fp,
@@ -882,7 +908,10 @@ def describe(path: str | os.PathLike) -> str:
 def _describe_feature_set(feature_set: FeatureSet) -> str:
     sidecar = feature_set.sidecar
     lines = [f"{feature_set.sidecar_path}: feature set, {sidecar['count']} samples, mode {sidecar['mode']}"]
-    arrays = feature_set.features._asdict() if hasattr(feature_set.features, "_asdict") else {"features": feature_set.features}
+    from . import GradEmbedding
+
+    features = feature_set.features
+    arrays = features._asdict() if isinstance(features, GradEmbedding) else {"features": features}
     for name, array in arrays.items():
         lines.append(f"  {name}: shape {array.shape}, dtype {array.dtype}")
     if feature_set.labels is not None:

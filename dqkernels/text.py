@@ -9,6 +9,7 @@ Hugging Face hub in offline mode, so nothing is downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -94,7 +95,10 @@ def write_instruction_records(
 
 
 def load_text_model(model_path: str | os.PathLike, device: Optional[str] = None):
-    """Load a local sentence-transformers model directory without network access."""
+    """Load a local sentence-transformers model directory without network access.
+
+    Also turns off transformers' weight-loading progress bar (the CLI has its own).
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
@@ -105,6 +109,9 @@ def load_text_model(model_path: str | os.PathLike, device: Optional[str] = None)
         ) from error
     from transformers.utils import logging as transformers_logging
 
+    from .features import resolve_device
+
+    device = str(resolve_device(device))
     model_path = Path(model_path)
     if not (model_path / "modules.json").is_file() and not (model_path / "config.json").is_file():
         raise ValueError(f"{str(model_path)!r} is not a sentence-embedding model directory")
@@ -124,8 +131,6 @@ def embed_texts(
     progress: bool = False,
 ) -> np.ndarray:
     """Sentence embeddings (N, D) float32 of ``texts``, in order (float16 autocast on CUDA)."""
-    import contextlib
-
     import torch
 
     model = load_text_model(model_path, device)

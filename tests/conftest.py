@@ -1,7 +1,18 @@
+import os
 import secrets
 
 import numpy as np
 import pytest
+
+try:
+    import torch
+
+    HAS_GPU = torch.cuda.is_available()
+except ImportError:
+    HAS_GPU = False
+if not HAS_GPU:
+    # Triton kernels run through the interpreter on CPU tensors (read when a kernel is defined).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
@@ -13,13 +24,7 @@ def rng():
 
 
 def pytest_collection_modifyitems(config, items):
-    try:
-        import torch
-
-        has_gpu = torch.cuda.is_available()
-    except ImportError:
-        has_gpu = False
-    if has_gpu:
+    if HAS_GPU:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

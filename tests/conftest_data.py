@@ -107,6 +107,9 @@ def run_subprocess(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+# Fixtures: a test module imports ``<name>_fixture`` and takes ``<name>`` as an argument.
+
+
 def shared_directory(tmp_path_factory, name: str, build) -> Path:
     """A directory built once per test session by ``build(path)`` and shared by all test modules."""
     path = tmp_path_factory.getbasetemp() / "shared" / name
@@ -118,14 +121,14 @@ def shared_directory(tmp_path_factory, name: str, build) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def digits_folder(tmp_path_factory) -> Path:
+@pytest.fixture(scope="session", name="digits_folder")
+def digits_folder_fixture(tmp_path_factory) -> Path:
     """40 digit images (10 classes × 4) as a 32×32 RGB ImageFolder."""
     return shared_directory(tmp_path_factory, "digits", write_digits_image_folder)
 
 
-@pytest.fixture(scope="session")
-def digits_features(tmp_path_factory, digits_folder) -> Path:
+@pytest.fixture(scope="session", name="digits_features")
+def digits_features_fixture(tmp_path_factory, digits_folder) -> Path:
     """Feature-set directory of ``digits_folder`` (resnet18, random init, 32 px, pooled)."""
     from dqkernels.pipeline import extract_features
 

@@ -8,17 +8,17 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
-from conftest_data import (  # noqa: F401  (digits_folder, digits_features are fixtures)
+from conftest_data import (
     digits_arrays,
-    digits_features,
-    digits_folder,
+    digits_features_fixture,  # noqa: F401
+    digits_folder_fixture,  # noqa: F401
     invoke,
     run_subprocess,
     text_model_path,
     write_instruction_jsonl,
     write_photo_tiles_folder,
 )
+
 import dqkernels
 
 
@@ -226,7 +226,7 @@ BAD_INVOCATIONS = {
     "labels mismatch": (["bin", "--features", "feats.npy", "--labels", "short_labels.npy"], 1,
                         "have 19 entries but the features have 20 rows"),
     "more bins than samples": (["bin", "--features", "feats.npy", "--bins", "21"], 1,
-                               "exceeds the number of samples"),
+                               "more than the number of samples"),
     "ratio zero": (["sample", "--bins", "bins.npz", "--ratio", "0"], 2, "'--ratio'"),
     "ratio above one": (["sample", "--bins", "bins.npz", "--ratio", "1.5"], 2, "'--ratio'"),
     "corrupt bins": (["sample", "--bins", "corrupt_bins.npz", "--ratio", "0.5"], 1, "bins"),
@@ -241,6 +241,8 @@ BAD_INVOCATIONS = {
     "gradient mode without labels": (["features", "unlabelled_images.npy", *IMAGE_OPTIONS, "--mode", "gradient"],
                                      1, "needs labels"),
     "text without a text model": (["features", "data.jsonl", "-o", "out"], 1, "--text-model"),
+    "official delta without gradient mode": (["features", "images", *IMAGE_OPTIONS, "--grad-delta", "official"],
+                                             2, "--mode gradient only"),
     "info on a corrupt file": (["info", "corrupt.npy"], 1, "not a readable .npy"),
 }
 

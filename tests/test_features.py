@@ -6,14 +6,14 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from conftest_data import (  # noqa: F401  (digits_folder is a fixture)
+from conftest_data import (
     digits_arrays,
-    digits_folder,
+    digits_folder_fixture,  # noqa: F401
     instruction_records,
     text_model_path,
     write_instruction_jsonl,
 )
+
 from dqkernels.features import (
     build_model,
     check_model_name,
@@ -160,6 +160,13 @@ def test_gradient_embedding_reproduces_explicit_last_layer_gradients(grad_delta)
     np.testing.assert_allclose(factored_sq_norms, (explicit**2).sum(1), rtol=1e-5)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error():
+    model = build_model("resnet18", num_classes=2, seed=0)
+    with pytest.raises(ValueError, match="CUDA is not available here"):
+        extract_image_features(model, images=digits_arrays(2)[0], img_size=32, device="cuda")
+
+
 def test_gradient_mode_needs_labels_that_fit_the_classifier():
     images, labels = digits_arrays(4)
     model = build_model("resnet18", num_classes=5, seed=0)
@@ -235,8 +242,10 @@ def test_malformed_instruction_data_is_an_error(tmp_path, content, suffix, messa
         read_instruction_records(path)
 
 
-def test_text_embeddings_keep_input_order():
+def test_text_embeddings_keep_input_order(tmp_path):
     model_path = text_model_path()
+    with pytest.raises(ValueError, match="is not a sentence-embedding model directory"):
+        embed_texts(["a"], tmp_path, device="cpu")
     texts = ["A cat sleeps on the mat.", "Stock markets fell sharply today.", "A cat sleeps on the mat."]
     embeddings = embed_texts(texts, model_path, batch_size=2, device="cpu")
     assert embeddings.shape == (3, 384) and embeddings.dtype == np.float32

@@ -157,7 +157,7 @@ def test_explicit_sizes_and_official_sizes(rng):
 def test_float16_and_torch_inputs(rng):
     x = rng.standard_normal((200, 12)).astype(np.float16)
     result = graphcut_bins(x, bins=4)
-    assert result.meta["dtype"] == "float32"
+    assert result.meta["dtype"] == "float16" and result.meta["precision"] == "float32"
     check_binning(result, x.astype(np.float32), rtol=1e-4)
     torch = pytest.importorskip("torch")
     tensor = torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16)

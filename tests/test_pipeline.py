@@ -6,8 +6,8 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest_data import digits_arrays, digits_features_fixture, digits_folder_fixture  # noqa: F401
 
-from conftest_data import digits_arrays, digits_features, digits_folder  # noqa: F401  (fixtures)
 import dqkernels
 from dqkernels import pipeline
 
