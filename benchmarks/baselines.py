@@ -3,13 +3,16 @@
 careful_numpy_bins: what a careful numpy user writes — per bin the pool compacted once, per
     step one float32 gemv over the pool with float64 running sums, in-place updates.
 official_style_bins: the official DQ code's approach — a dense similarity matrix over the pool
-    per bin (s = ½ + ½·cos) and a naive greedy that re-sums the selected rows every step.
+    per bin (s = ½ + ½·cos) and a naive greedy that re-sums the selected rows every step
+    (``dqkernels.reference.official_graphcut_bins``).
 torch_naive_bins: the plain torch loop (one gemv and one argmax per step, host sync per step).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from dqkernels.reference import official_graphcut_bins
 
 
 def _split(m: int, n_bins: int) -> list:
@@ -51,30 +54,8 @@ def careful_numpy_bins(features: np.ndarray, n_bins: int, lam: float = 1.0) -> n
 
 
 def official_style_bins(features: np.ndarray, n_bins: int, lam: float = 1.0) -> np.ndarray:
-    """Cosine GraphCut bins as the official code computes them (dense matrix per bin)."""
-    x = features.astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    pool = np.arange(len(x))
-    order = []
-    for b, size in enumerate(_split(len(x), n_bins)):
-        if b == n_bins - 1:
-            order.extend(pool.tolist())
-            break
-        sim = 0.5 + 0.5 * (x[pool] @ x[pool].T)  # |R|×|R| similarity
-        col_sums = sim.sum(axis=0)
-        selected: list = []
-        available = np.ones(len(pool), dtype=bool)
-        for _ in range(size):
-            idx = np.flatnonzero(available)
-            gains = lam * col_sums[idx] - sim[idx, idx]
-            if selected:
-                gains -= 2.0 * sim[np.ix_(selected, idx)].sum(axis=0)
-            j = int(idx[np.argmax(gains)])
-            selected.append(j)
-            available[j] = False
-            order.append(int(pool[j]))
-        pool = pool[available]
-    return np.asarray(order, dtype=np.int64)
+    """The official code's rule (dense similarity per bin, naive greedy), float32 features."""
+    return official_graphcut_bins(features.astype(np.float32), _split(len(features), n_bins), lam)
 
 
 def torch_naive_bins(features, n_bins: int, lam: float = 1.0, device: str = "cpu"):

@@ -143,16 +143,24 @@ def _row_chunks(rows: np.ndarray):
         yield lo, rows[lo : lo + _CHUNK_ROWS]
 
 
-def _unit_rows(block: np.ndarray) -> np.ndarray:
-    """Float64 rows scaled to unit length (scaled by their largest entry first, so huge rows
-    do not overflow). Raises for an all-zero row."""
-    block = block.astype(np.float64)
-    peak = np.abs(block).max(axis=1)
-    if (peak == 0).any():
-        raise ValueError("zero")
-    block /= peak[:, None]
-    block /= np.linalg.norm(block, axis=1, keepdims=True)
-    return block
+def _unit_rows(block: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Rows of ``block`` scaled to unit length, in the block's own precision (float64 norms).
+
+    ids: the rows' sample ids, to name an all-zero row in the error.
+    """
+    squared = np.einsum("ij,ij->i", block, block, dtype=np.float64)
+    if not np.isfinite(squared).all() or (squared < 1e-280).any():
+        # Huge or tiny rows: scale by the largest entry first, in float64.
+        block = block.astype(np.float64)
+        peak = np.abs(block).max(axis=1)
+        if (peak == 0).any():
+            raise ValueError(
+                f"features: row {int(ids[np.flatnonzero(peak == 0)[0]])} is all zeros; cosine "
+                "needs non-zero rows (use metric='euclidean')"
+            )
+        block /= peak[:, None]
+        squared = np.einsum("ij,ij->i", block, block)
+    return block * (1.0 / np.sqrt(squared)).astype(block.dtype)[:, None]
 
 
 def _working_features(features, metric: str, perm: np.ndarray, problem_offsets, dtype):
@@ -161,8 +169,8 @@ def _working_features(features, metric: str, perm: np.ndarray, problem_offsets, 
     Plain features: cosine rows are L2-normalised; every problem is then centred on its own mean
     (distances do not change, and float32 Gram entries lose no digits to a common offset).
     Gradient embeddings: cosine scales δ_i by 1/‖g_i‖ (g is linear in δ).
-    Works in float64 on row chunks, so only the working copy (M×d in ``dtype``) is allocated
-    whole: memory-mapped inputs larger than RAM are read twice, never copied.
+    Works on row chunks, so only the working copy (M×d in ``dtype``) is allocated whole:
+    memory-mapped inputs larger than RAM are streamed, never copied.
     Returns (x, embed or None).
     """
     if isinstance(features, GradEmbedding):
@@ -181,28 +189,25 @@ def _working_features(features, metric: str, perm: np.ndarray, problem_offsets, 
             delta /= norms[:, None]
         return np.ascontiguousarray(delta, dtype=dtype), np.ascontiguousarray(embed, dtype=dtype)
 
-    def rows_as_seen(ids):
-        if metric != "cosine":
-            return features[ids].astype(np.float64)
-        try:
-            return _unit_rows(features[ids])
-        except ValueError:
-            bad = ids[np.abs(features[ids]).max(axis=1) == 0][0]
-            raise ValueError(
-                f"features: row {int(bad)} is all zeros; cosine needs non-zero rows "
-                "(use metric='euclidean')"
-            ) from None
-
     x = np.empty(features.shape, dtype=dtype)
     largest = 0.0
     for lo, hi in zip(problem_offsets[:-1], problem_offsets[1:]):
         members = perm[lo:hi]
         total = np.zeros(features.shape[1])
+        if metric == "cosine":
+            # Unit rows are bounded by 1, so centring them in the working precision loses
+            # nothing beyond the final rounding.
+            for start, ids in _row_chunks(members):
+                unit = _unit_rows(features[ids].astype(np.promote_types(features.dtype, dtype)), ids)
+                total += unit.sum(axis=0, dtype=np.float64)
+                x[lo + start : lo + start + len(ids)] = unit
+            x[lo:hi] -= (total / len(members)).astype(dtype)
+            continue
         for _, ids in _row_chunks(members):
-            total += rows_as_seen(ids).sum(axis=0)
-        mean = total / max(len(members), 1)
+            total += features[ids].sum(axis=0, dtype=np.float64)
+        mean = total / len(members)
         for start, ids in _row_chunks(members):
-            block = rows_as_seen(ids) - mean
+            block = features[ids].astype(np.float64) - mean
             with np.errstate(over="ignore"):
                 largest = max(largest, float(np.einsum("ij,ij->i", block, block).max()))
             x[lo + start : lo + start + len(ids)] = block

@@ -13,7 +13,9 @@ void run_graphcut_isa(const std::vector<ProblemView<T>>& problems,
 
 template <typename T>
 void gram_matrix_isa(const T* x, int64_t n, int64_t d, T* gram) {
-  gram_syrk(x, n, d, gram, GramEpilogue::kStore);
+  GramMatrix<T> padded(n);
+  gram_syrk(x, n, d, padded, GramEpilogue::kStore);
+  for (int64_t a = 0; a < n; ++a) std::copy_n(padded.row(a), n, gram + a * n);
 }
 
 template void run_graphcut_isa<float>(const std::vector<ProblemView<float>>&,

@@ -131,12 +131,12 @@ class GreedyBins {
  private:
   void build_gram() {
     const int64_t n = p_.n;
-    gram_.reset(new T[static_cast<size_t>(n) * n]);  // every entry is written by the SYRK
+    gram_ = GramMatrix<T>(n);  // every entry is written by the SYRK
     if (p_.embed) {
-      gram_syrk(p_.embed, n, p_.d_embed, gram_.get(), GramEpilogue::kStore);
-      gram_syrk(p_.x, n, p_.d, gram_.get(), GramEpilogue::kMulOnePlus);
+      gram_syrk(p_.embed, n, p_.d_embed, gram_, GramEpilogue::kStore);
+      gram_syrk(p_.x, n, p_.d, gram_, GramEpilogue::kMulOnePlus);
     } else {
-      gram_syrk(p_.x, n, p_.d, gram_.get(), GramEpilogue::kStore);
+      gram_syrk(p_.x, n, p_.d, gram_, GramEpilogue::kStore);
     }
   }
 
@@ -187,7 +187,7 @@ class GreedyBins {
   }
 
   double kernel_value(int64_t a, int64_t b) const {
-    if (gram_) return static_cast<double>(gram_[static_cast<size_t>(a) * p_.n + b]);
+    if (gram_) return static_cast<double>(gram_.at(a, b));
     const T* ea = p_.embed ? p_.embed + a * p_.d_embed : nullptr;
     const T* eb = p_.embed ? p_.embed + b * p_.d_embed : nullptr;
     return kernel_(p_.x + a * p_.d, ea, p_.x + b * p_.d, eb);
@@ -213,7 +213,7 @@ class GreedyBins {
     const double pick_norm = norms_[pick];
     const int64_t* __restrict pool = pool_.data();
     if (gram_) {
-      const T* __restrict gram_row = gram_.get() + static_cast<size_t>(pick) * p_.n;
+      const T* __restrict gram_row = gram_.row(pick);
       double best = kTaken;
       if (c2) {
 #pragma omp simd reduction(max : best)
@@ -262,9 +262,11 @@ class GreedyBins {
     // The last pick's δ still has to reach C2 when C2 runs across bins.
     const int64_t n_updates = c2_running ? size : size - 1;
 
-    // Work per step in element-updates: below a few thousand a barrier costs more than it saves.
-    const int64_t step_cost = gram_ ? 4 * r : r * (p_.d + p_.d_embed);
-    const bool parallel = parallel_inside_ && omp_get_max_threads() > 1 && step_cost > (1 << 14);
+    // Steps split across threads meet at a barrier every step. A Gram step (one row) is too short
+    // for that to pay, and on a loaded machine a barrier can wait a whole scheduler time slice,
+    // so only streaming steps over a large pool (~1M multiply-adds and up) run in parallel.
+    const bool parallel = parallel_inside_ && !gram_ && omp_get_max_threads() > 1 &&
+                          r * (p_.d + p_.d_embed) >= (1 << 20);
     const int n_threads = parallel ? omp_get_max_threads() : 1;
     // Partials are double-buffered by step parity, so one barrier per step suffices: a thread
     // cannot overwrite buffer k before every thread has passed the barrier of the step after it.
@@ -305,7 +307,7 @@ class GreedyBins {
   bool parallel_inside_;
   std::vector<double> norms_;
   std::vector<int64_t> pool_;
-  std::unique_ptr<T[]> gram_;  // (n, n) when the Gram form runs
+  GramMatrix<T> gram_;  // (n, n) when the Gram form runs
   std::vector<T> pool_x_, pool_e_;
   std::vector<double> running_c2_;  // gradient embeddings only, indexed by sample
 };
