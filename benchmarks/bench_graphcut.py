@@ -73,7 +73,9 @@ def test_graphcut(benchmark, engine, case):
         engine=engine, case=case, M=len(x), d=dims, classes=classes, bins=BINS, steps=steps,
         threads=os.cpu_count(),
     )
-    rounds = 1 if len(x) > 10000 or engine in ("official-style", "torch-naive-cpu") else 3
+    # The minimum over rounds is reported. The first touch of fresh memory in a process is slower
+    # on a virtual machine, so every case runs at least twice except the slow baselines.
+    rounds = 1 if engine in ("official-style", "torch-naive-cpu") else (2 if len(x) > 10000 else 3)
     out = benchmark.pedantic(_run, args=(engine, x, labels), rounds=rounds, iterations=1)
     if len(x) <= 5000:
         check_binning(_as_result(out, len(x)), x, labels=labels, metric="cosine", lam=1.0, rtol=1e-4)

@@ -64,11 +64,13 @@ def greedy_bins_reference(dist: np.ndarray, bin_sizes, lam: float = 1.0) -> np.n
     return np.asarray(order, dtype=np.int64)
 
 
-def official_graphcut_bins(features: np.ndarray, bin_sizes, lam: float = 1.0) -> np.ndarray:
+def official_graphcut_bins(
+    features: np.ndarray, bin_sizes, lam: float = 1.0, similarity_dtype=np.float32
+) -> np.ndarray:
     """The official DQ code's bin generation, step for step (one problem, cosine).
 
-    For each bin but the last: the similarity matrix of the pool V, s = ½ + ½·cos (in the
-    features' dtype), its column sums, and a naive greedy whose gain for every candidate x,
+    For each bin but the last: the similarity matrix of the pool V, s = ½ + ½·cos (stored in
+    ``similarity_dtype``: float32 in the official code), its column sums, and a naive greedy whose gain for every candidate x,
     λ·Σ_{i∈V} s_ix − 2·Σ_{j∈S} s_jx, re-sums the selected rows at every step (O(|S|·|V|) per
     step). Equal to ``greedy_bins_reference`` on normalised rows (SPEC §1); kept as the
     baseline that the engines are timed against.
@@ -85,13 +87,14 @@ def official_graphcut_bins(features: np.ndarray, bin_sizes, lam: float = 1.0) ->
             break
         feats = x[pool]
         norms = np.linalg.norm(feats, axis=1)
-        sim = 0.5 + 0.5 * (feats @ feats.T) / (norms[:, None] * norms[None, :])
+        sim = np.zeros((len(pool), len(pool)), dtype=similarity_dtype)
+        sim[:] = 0.5 + 0.5 * (feats @ feats.T) / (norms[:, None] * norms[None, :])
         col_sums = sim.sum(axis=0)
         selected = np.zeros(len(pool), dtype=bool)
         gain = np.zeros(len(pool))
         for _ in range(size):
             candidates = ~selected
-            gain[candidates] = lam * col_sums[candidates] - 2.0 * sim[selected, :][:, candidates].sum(axis=0)
+            gain[candidates] = lam * col_sums[candidates] - 2.0 * sim[np.ix_(selected, candidates)].sum(axis=0)
             pick = int(gain.argmax())
             selected[pick] = True
             gain[pick] = -np.inf
