@@ -243,8 +243,11 @@ def graphcut_bins(
         dataset bin n is the union of the classes' bin n.
     metric: "cosine" (rows L2-normalised; the official code's choice) or "euclidean".
     lam: λ > 0 of score = (2−λ)·C1 − λ·C2.
-    device: None or "cpu" (the GPU engine is not part of this build).
-    backend: "auto"/"cpu" (C++ engine) or "reference" (float64 numpy, small inputs only).
+    device: None/"cpu", or "cuda"/"cuda:N" (a torch device).
+    backend: "auto" (the C++ engine on the CPU, the torch engine on CUDA), "cpu" (C++ engine),
+        "torch" (batched torch engine, any torch device), "triton" (the torch engine with the
+        fused Triton step; CUDA, or CPU tensors under TRITON_INTERPRET=1), or "reference"
+        (float64 numpy, small inputs only). ``result.backend`` names the engine that ran.
     sizes: "split" (np.array_split sizes), "official", or a list of N sizes (global mode).
     precision: "float32" or "float64" arithmetic; default float64 for float64 input, else float32.
     form: "gram" (one Gram matrix, then a row per step), "stream" (O(M·d) memory), or "auto":
