@@ -9,7 +9,7 @@ import textwrap
 def test_streaming_form_at_200k_samples_stays_small():
     # M = 200 000: an M×M float32 matrix would be 160 GB. Two small greedy bins, then the rest.
     script = textwrap.dedent(
-        """
+        r"""
         import json, re
         import numpy as np
         from dqkernels import graphcut_bins
