@@ -1,35 +1,121 @@
-"""Turns pytest-benchmark JSON into the markdown table of RESULTS.md.
+"""Turns pytest-benchmark JSON into the markdown tables (and log-log plots) of RESULTS.md.
 
     python benchmarks/report.py benchmarks/results/cpu.json
+    python benchmarks/report.py benchmarks/results/scaling.json --plots benchmarks/plots
+
+Every record needs extra_info with engine, case, M, d and steps (what the bench files store).
 """
 
+import argparse
 import json
-import sys
 from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+BASELINE = "numpy-careful"
+OFFICIAL = "official-style"
 
 
-def main(path: str) -> None:
+def load_records(path):
     with open(path) as handle:
         data = json.load(handle)
-    rows = defaultdict(dict)
+    records = []
     for bench in data["benchmarks"]:
-        info = bench["extra_info"]
-        rows[info["case"]][info["engine"]] = (bench["stats"]["min"], info["steps"])
-    machine = data.get("machine_info", {})
-    print(f"Machine: {machine.get('cpu', {}).get('brand_raw', '?')}, "
-          f"{machine.get('cpu', {}).get('count', '?')} cores; {data.get('datetime', '')[:10]}")
+        info = dict(bench["extra_info"])
+        info["seconds"] = bench["stats"]["min"]
+        records.append(info)
+    cpu = data.get("machine_info", {}).get("cpu", {})
+    header = (
+        f"Machine: {cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} cores; "
+        f"{data.get('datetime', '')[:10]}"
+    )
+    return header, records
+
+
+def comparison_table(records) -> str:
+    """One row per (case, engine): seconds, µs per greedy step, speed-up over the baselines."""
+    by_case = defaultdict(dict)
+    for rec in records:
+        by_case[rec["case"]][rec["engine"]] = rec
+    lines = [
+        "| case | engine | seconds | µs / greedy step | peak MB added | vs numpy-careful | vs official-style |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for case, engines in by_case.items():
+        base = engines.get(BASELINE, {}).get("seconds")
+        official = engines.get(OFFICIAL, {}).get("seconds")
+        for engine, rec in sorted(engines.items(), key=lambda kv: kv[1]["seconds"]):
+            seconds = rec["seconds"]
+            peak = rec.get("peak_added_mb")
+            lines.append(
+                f"| {case} | {engine} | {seconds:.3f} | {seconds / rec['steps'] * 1e6:.1f} | "
+                f"{'–' if peak is None else peak} | "
+                f"{f'{base / seconds:.1f}×' if base else '–'} | "
+                f"{f'{official / seconds:.0f}×' if official else '–'} |"
+            )
+    return "\n".join(lines)
+
+
+def growth_table(records) -> str:
+    """Exponent k of seconds ∝ M^k per (engine, d), fitted on the sizes with M >= 2000."""
+    series = defaultdict(list)
+    for rec in records:
+        series[(rec["engine"], rec["d"])].append((rec["M"], rec["seconds"]))
+    lines = ["| engine | d | sizes fitted | exponent k (seconds ∝ M^k) |", "|---|---:|---|---:|"]
+    for (engine, d), points in sorted(series.items()):
+        points = sorted(p for p in points if p[0] >= 2000)
+        if len(points) < 2:
+            continue
+        m, t = np.log([p[0] for p in points]), np.log([p[1] for p in points])
+        slope = np.polyfit(m, t, 1)[0]
+        sizes = ", ".join(str(p[0]) for p in points)
+        lines.append(f"| {engine} | {d} | {sizes} | {slope:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_scaling(records, out_dir: Path) -> list:
+    """One log-log PNG per d: seconds against M, one line per engine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for d in sorted({rec["d"] for rec in records}):
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        engines = sorted({rec["engine"] for rec in records if rec["d"] == d})
+        for engine in engines:
+            points = sorted((r["M"], r["seconds"]) for r in records if r["d"] == d and r["engine"] == engine)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=engine)
+        ax.set(xscale="log", yscale="log", xlabel="samples M", ylabel="seconds (10 bins)",
+               title=f"GraphCut bins, d = {d}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        path = out_dir / f"scaling_d{d}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", help="pytest-benchmark --benchmark-json output")
+    parser.add_argument("--plots", type=Path, help="write log-log PNGs into this directory")
+    args = parser.parse_args()
+    header, records = load_records(args.json)
+    print(header)
     print()
-    print("| case | engine | seconds (min) | µs / greedy step | vs numpy-careful | vs official-style |")
-    print("|---|---|---:|---:|---:|---:|")
-    for case, engines in rows.items():
-        base = engines.get("numpy-careful", (None,))[0]
-        official = engines.get("official-style", (None,))[0]
-        for engine, (seconds, steps) in sorted(engines.items(), key=lambda kv: kv[1][0]):
-            ratio = f"{base / seconds:.1f}×" if base else "–"
-            ratio_official = f"{official / seconds:.0f}×" if official else "–"
-            print(f"| {case} | {engine} | {seconds:.3f} | {seconds / steps * 1e6:.1f} | "
-                  f"{ratio} | {ratio_official} |")
+    print(comparison_table(records))
+    if len({rec["M"] for rec in records}) > 2:
+        print()
+        print(growth_table(records))
+    if args.plots:
+        for path in plot_scaling(records, args.plots):
+            print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main()
