@@ -174,14 +174,32 @@ def features_command(input_path, out_dir, model, checkpoint, mode, grad_delta, t
               help="split: sizes differ by at most one. official: the official code's sizes.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Output .npz. Default: bins.npz beside the features.")
-def bin_command(features_path, bins, labels_path, no_labels, metric, lam, device, backend, sizes, out):
+@click.option("--distributed", is_flag=True,
+              help="Run as one process of a torchrun job (torchrun --nproc-per-node N -m dqkernels.cli "
+                   "bin ... --distributed): classes are dealt to the processes, or without labels "
+                   "the rows are split among them. gloo on the CPU, NCCL with --device cuda (one GPU "
+                   "per process). Rank 0 writes --out; a failed job writes nothing.")
+def bin_command(features_path, bins, labels_path, no_labels, metric, lam, device, backend, sizes, out,
+                distributed):
     """Split the samples into N bins with recursive GraphCut."""
     if no_labels and labels_path is not None:
         raise click.UsageError("--labels and --no-labels contradict each other")
-    outcome = pipeline.make_bins(
-        features_path, bins, out=out, labels=labels_path, use_labels=not no_labels, metric=metric,
-        lam=lam, device=device, backend=backend, sizes=sizes,
-    )
+    if distributed:
+        if backend != "auto":
+            raise click.UsageError("--backend applies to single-process runs, not to --distributed")
+        from .distributed import make_bins_distributed
+
+        outcome = make_bins_distributed(
+            features_path, bins, out=out, labels=labels_path, use_labels=not no_labels, metric=metric,
+            lam=lam, device=device, sizes=sizes,
+        )
+        if outcome is None:  # not rank 0: rank 0 reports
+            return
+    else:
+        outcome = pipeline.make_bins(
+            features_path, bins, out=out, labels=labels_path, use_labels=not no_labels, metric=metric,
+            lam=lam, device=device, backend=backend, sizes=sizes,
+        )
     result = outcome.result
     click.echo(
         f"{outcome.path}: {result.order.shape[0]} samples in {bins} bins"
@@ -278,6 +296,15 @@ def run_command(config_path: Optional[Path], quiet: bool, **options):
 def info_command(path):
     """Describe a bins .npz, a subset .npy (+ manifest), a feature set or any .npy."""
     click.echo(pipeline.describe(path))
+
+
+from .cli_v2 import v2_command  # noqa: E402
+cli.add_command(v2_command)
+
+
+from .cli_pixel import quantize_command, reconstruct_command  # noqa: E402
+cli.add_command(quantize_command)
+cli.add_command(reconstruct_command)
 
 
 def main() -> None:

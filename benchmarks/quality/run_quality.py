@@ -1,4 +1,4 @@
-"""Does DQ pick better training subsets than a GraphCut coreset or stratified random sampling?
+"""Does DQ (or DQ-V2) pick better training subsets than a GraphCut coreset or random sampling?
 
     python benchmarks/quality/run_quality.py
 
@@ -7,9 +7,12 @@ and a held-out test split (30%, never selected from). At every keep ratio and se
 subsets of the train split with identical per-class counts are selected — DQ (10 per-class
 GraphCut bins, the ratio of every (bin, class) cell drawn at random), a GraphCut coreset (one
 greedy GraphCut selection of each class's whole budget) and stratified uniform random — and the
-same small CNN is trained from scratch on each and scored on the test split. The seed drives the
-sampling, the CNN's initial weights and its mini-batch order; runs are deterministic given it.
-Writes every raw number to ``--out`` (JSON) and prints a markdown table.
+same small CNN is trained from scratch on each and scored on the test split. A fourth subset,
+DQ-V2, has the same total size and is drawn the same way from a larger pool: the train split
+plus half as many Tobias background-swap images of it (SPEC §5, built once). DQ here never
+reconstructs patches, so "DQ" is DQ without MAE. The seed drives the sampling, the CNN's
+initial weights and its mini-batch order; runs are deterministic given it. Writes every raw
+number to ``--out`` (JSON) and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -41,7 +44,10 @@ N_BINS = 10
 # The CNN whose penultimate features are binned with --features cnn (trained on the whole
 # train split, as DQ bins on the features of a model trained on the full data).
 FEATURE_MODEL_SEED = 0
-METHODS = ("DQ", "GraphCut coreset", "random")
+METHODS = ("DQ", "GraphCut coreset", "random", "DQ-V2")
+# The DQ-V2 pool, built once: round(0.5·M) Tobias images of the train split, 4×4 grid swapped at
+# the digits' own 8×8 pixels (2 px cells), masks from the seeded random ResNet-50 at 224 px.
+V2_POOL = {"mix": 0.5, "grid": 4, "cell_px": 2, "bg_prob": 1.0, "mask_px": 224, "seed": 0}
 FULL = "full train set"
 FEATURE_CHOICES = {
     "pixels": "raw pixels scaled to [0, 1] (64-d), cosine metric",
@@ -69,6 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="features to select in (default pixels)",
     )
     parser.add_argument(
+        "--v2-mask-px",
+        type=int,
+        default=V2_POOL["mask_px"],
+        help=f"input side of the DQ-V2 mask model in pixels (default {V2_POOL['mask_px']}, as Tobias)",
+    )
+    parser.add_argument(
         "--out",
         default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json"),
         help="JSON file for all raw numbers (default results.json beside this script)",
@@ -77,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.ratios = [float(r) for r in args.ratios.split(",")]
     if not all(0 < r < 1 for r in args.ratios):
         parser.error("--ratios must lie in (0, 1)")
+    if args.v2_mask_px < 32:
+        parser.error("--v2-mask-px must be >= 32")
     if args.seeds < 1 or args.epochs < 1:
         parser.error("--seeds and --epochs must be >= 1")
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
@@ -122,25 +136,46 @@ def run(args: argparse.Namespace) -> dict:
     unit_features = selection.unit_rows(features)
     bins = selection.dq_bins(features, train_y, N_BINS)
 
+    pool_started = time.perf_counter()
+    v2_pool = dict(V2_POOL, mask_px=args.v2_mask_px)
+    pool = selection.tobias_pool(data["train_x"], train_y, **v2_pool, device=args.device)
+    pool_images = training.as_image_tensor(pool.pixels, args.device)
+    pool_labels = torch.as_tensor(pool.labels, device=args.device)
+    pool_features = (
+        pool.pixels if args.features == "pixels"
+        else training.penultimate_features(feature_model, pool_images)
+    )
+    unit_pool = selection.unit_rows(pool_features)
+    pool_bins = selection.dq_bins(pool_features, pool.labels, N_BINS)
+    train_rows = np.arange(len(train_y))
+    pool_seconds = round(time.perf_counter() - pool_started, 1)
+    print(f"DQ-V2 pool: {len(train_y)} + {len(pool.recipes)} Tobias images ({pool_seconds} s)",
+          file=sys.stderr)
+
     runs = []
 
     def train_and_score(method: str, ratio: float, seed: int, indices: np.ndarray) -> None:
-        model = training.train_model(train_images[indices], train_labels[indices], seed, config)
-        mean_pairwise, coverage = selection.diversity(unit_features, indices)
+        if method == "DQ-V2":  # ids into the pool; coverage is of the train split
+            images, labels, label_array = pool_images, pool_labels, pool.labels
+            mean_pairwise, coverage = selection.diversity(unit_pool, indices, covered=train_rows)
+        else:
+            images, labels, label_array = train_images, train_labels, train_y
+            mean_pairwise, coverage = selection.diversity(unit_features, indices)
+        model = training.train_model(images[indices], labels[indices], seed, config)
         record = {
             "method": method,
             "ratio": ratio,
             "seed": seed,
             "n_selected": len(indices),
-            "class_counts": selection.class_counts(indices, train_y, classes).tolist(),
+            "class_counts": selection.class_counts(indices, label_array, classes).tolist(),
             "subset_digest": digest(indices),
             "test_accuracy": training.accuracy(model, test_images, test_labels),
-            "train_accuracy": training.accuracy(
-                model, train_images[indices], train_labels[indices]
-            ),
+            "train_accuracy": training.accuracy(model, images[indices], labels[indices]),
             "mean_pairwise_distance": mean_pairwise,
             "coverage": coverage,
         }
+        if method == "DQ-V2":
+            record["n_tobias"] = int((indices >= len(train_y)).sum())
         runs.append(record)
         print(
             f"{method:>16} ratio {ratio:<5} seed {seed}: test {record['test_accuracy']:.4f} "
@@ -162,6 +197,7 @@ def run(args: argparse.Namespace) -> dict:
                 "DQ": dq,
                 "GraphCut coreset": coresets[key],
                 "random": selection.select_random(train_y, classes, budgets, seed),
+                "DQ-V2": selection.select_dq_v2(pool_bins, len(dq), seed),
             }
             for method in METHODS:
                 train_and_score(method, ratio, seed, subsets[method])
@@ -185,6 +221,17 @@ def run(args: argparse.Namespace) -> dict:
             "dq": {"bins": N_BINS, "per_class": True, "metric": "cosine", "lam": 1.0,
                    "sizes": "split", "allocation": "exact"},
             "per_class_counts": "DQ's exact allocation; coreset and random use the same counts",
+            "dq_v2": {
+                **v2_pool,
+                "mask_model": "random-init timm resnet50 (zero_init_last=False), eval mode",
+                "pool_size": len(pool.labels),
+                "swapped": int(pool.recipes.swapped.sum()),
+                "pool_seconds": pool_seconds,
+                "bins": "as dq, on the pool's selection features (Tobias pixels / CNN features)",
+                "budget": "same total as DQ at that ratio and seed: ratio n_DQ/|pool| of every "
+                          "(bin, class) cell of the pool, exact allocation; its own per-class counts",
+                "coverage": "over the train split, nearest selected pool sample",
+            },
             "ratios": args.ratios,
             "seeds": list(range(args.seeds)),
             "model": "SmallCNN: conv3x3(1->16) ReLU conv3x3(16->32) ReLU maxpool2 linear(512->10)",
