@@ -178,7 +178,8 @@ def features_command(input_path, out_dir, model, checkpoint, mode, grad_delta, t
               help="Run as one process of a torchrun job (torchrun --nproc-per-node N -m dqkernels.cli "
                    "bin ... --distributed): classes are dealt to the processes, or without labels "
                    "the rows are split among them. gloo on the CPU, NCCL with --device cuda (one GPU "
-                   "per process). Rank 0 writes --out; a failed job writes nothing.")
+                   "per process). Rank 0 writes --out; a failed job writes nothing. A rank that "
+                   "dies ends every rank; one that stops answering, after 30 minutes.")
 def bin_command(features_path, bins, labels_path, no_labels, metric, lam, device, backend, sizes, out,
                 distributed):
     """Split the samples into N bins with recursive GraphCut."""
