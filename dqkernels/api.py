@@ -291,18 +291,7 @@ def graphcut_bins(
     if threads is not None:
         as_positive_int(threads, "threads")
 
-    if labels is not None:
-        label_array = as_labels(labels, m)
-        perm = np.argsort(label_array, kind="stable")
-        classes, class_counts = np.unique(label_array, return_counts=True)
-    else:
-        label_array = None
-        perm = np.arange(m)
-        class_counts = np.array([m])
-    if isinstance(sizes, str):
-        as_choice(sizes, ("split", "official"), "sizes")
-    bin_sizes = bin_sizes_per_problem(class_counts, n_bins, sizes)
-    offsets = np.concatenate([[0], np.cumsum(class_counts)]).astype(np.int64)
+    label_array, perm, bin_sizes, offsets = problem_layout(labels, m, n_bins, sizes)
 
     dtype = np.float32 if precision == "float32" else np.float64
     x, embed_work = _working_features(user_features, metric, perm, offsets, dtype)
@@ -319,7 +308,7 @@ def graphcut_bins(
         )
         used_form = "gram"
     else:
-        use_gram = _choose_forms(class_counts, sum(dims), dtype, form, memory_budget, threads)
+        use_gram = _choose_forms(np.diff(offsets), sum(dims), dtype, form, memory_budget, threads)
         try:
             from . import _C
         except ImportError as exc:
@@ -350,6 +339,27 @@ def graphcut_bins(
         "checksum": _features_checksum(user_features),
     }
     return BinResult(order, bin_offsets, label_array, used_backend, used_form, meta)
+
+
+def problem_layout(labels, m: int, n_bins: int, sizes):
+    """The independent problems of a binning: one per class, or one for the whole set.
+
+    Returns (labels (M,) int64 or None, perm (M,) int64 — sample ids grouped by class, stable —,
+    bin_sizes (P, N) int64, offsets (P+1,) int64 — problem p is perm[offsets[p]:offsets[p+1]]).
+    """
+    if labels is not None:
+        label_array = as_labels(labels, m)
+        perm = np.argsort(label_array, kind="stable")
+        class_counts = np.unique(label_array, return_counts=True)[1]
+    else:
+        label_array = None
+        perm = np.arange(m)
+        class_counts = np.array([m])
+    if isinstance(sizes, str):
+        as_choice(sizes, ("split", "official"), "sizes")
+    bin_sizes = bin_sizes_per_problem(class_counts, n_bins, sizes)
+    offsets = np.concatenate([[0], np.cumsum(class_counts)]).astype(np.int64)
+    return label_array, perm, bin_sizes, offsets
 
 
 def _resolve_device(device, backend) -> str:

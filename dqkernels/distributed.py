@@ -42,7 +42,6 @@ import torch.distributed as dist
 from ._validate import (
     GradEmbedding,
     as_choice,
-    as_labels,
     as_positive_int,
     source_dtype_name,
 )
@@ -57,8 +56,9 @@ from .api import (
     _version,
     _working_features,
     default_memory_budget,
+    problem_layout,
 )
-from .sizes import bin_sizes_per_problem, split_sizes
+from .sizes import split_sizes
 
 MODES = ("auto", "classes", "rows")
 # The longest a rank waits for another (torchrun jobs started by make_bins_distributed). In per-class
@@ -271,20 +271,9 @@ def _plan(features, bins, labels, metric, lam, mode, sizes, precision, dst, rank
             "mode='rows' needs plain features; bin gradient embeddings per class (mode='classes')"
         )
 
-    if labels is not None:
-        label_array = as_labels(labels, m)
-        perm = np.argsort(label_array, kind="stable")
-        class_counts = np.unique(label_array, return_counts=True)[1]
-    else:
-        if mode == "classes":
-            raise ValueError("mode='classes' needs labels")
-        label_array = None
-        perm = np.arange(m)
-        class_counts = np.array([m])
-    if isinstance(sizes, str):
-        as_choice(sizes, ("split", "official"), "sizes")
-    bin_sizes = bin_sizes_per_problem(class_counts, n_bins, sizes)
-    offsets = np.concatenate([[0], np.cumsum(class_counts)]).astype(np.int64)
+    if labels is None and mode == "classes":
+        raise ValueError("mode='classes' needs labels")
+    label_array, perm, bin_sizes, offsets = problem_layout(labels, m, n_bins, sizes)
     meta = {
         "metric": metric,
         "lam": float(lam),

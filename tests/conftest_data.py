@@ -110,6 +110,21 @@ def run_subprocess(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 # Fixtures: a test module imports ``<name>_fixture`` and takes ``<name>`` as an argument.
 
 
+def snapshot_files(root: Path) -> dict:
+    """{relative path: bytes} of every file under ``root`` (test inputs are all tiny)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def assert_clean_failure(root, before, exit_code, stderr, expected_code, expected_text, directories):
+    """A failed command printed exactly one ``Error:`` line with ``expected_text``, exited with
+    ``expected_code``, and left ``root`` as it was (same files, same bytes, same directories)."""
+    lines = stderr.strip().splitlines()
+    assert exit_code == expected_code, stderr
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and expected_text in lines[0], stderr
+    assert snapshot_files(root) == before, "files were added, removed or changed"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(directories)
+
+
 def shared_directory(tmp_path_factory, name: str, build) -> Path:
     """A directory built once per test session by ``build(path)`` and shared by all test modules."""
     path = tmp_path_factory.getbasetemp() / "shared" / name

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from conftest_data import (
+    assert_clean_failure,
+    snapshot_files,
     digits_arrays,
     digits_features_fixture,  # noqa: F401
     digits_folder_fixture,  # noqa: F401
@@ -247,35 +249,27 @@ BAD_INVOCATIONS = {
 }
 
 
-def _snapshot(root):
-    """{relative path: bytes} of every file under ``root`` (the inputs are all tiny)."""
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-
-
-def _assert_clean_failure(root, before, exit_code, stderr, expected_code, expected_text):
-    lines = stderr.strip().splitlines()
-    assert exit_code == expected_code, stderr
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and expected_text in lines[0], stderr
-    after = _snapshot(root)
-    assert sorted(after) == sorted(before), "files were added or removed"
-    assert all(after[name] == before[name] for name in before), "a file was changed"
-    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["empty_folder", "images", "not_empty"]
+INPUT_DIRECTORIES = ["empty_folder", "images", "not_empty"]
 
 
 @pytest.mark.parametrize("case", list(BAD_INVOCATIONS))
 def test_bad_input_is_one_error_line_in_process(bad_inputs, monkeypatch, case):
     args, expected_code, expected_text = BAD_INVOCATIONS[case]
     monkeypatch.chdir(bad_inputs)
-    before = _snapshot(bad_inputs)
+    before = snapshot_files(bad_inputs)
     result = invoke(args)
-    _assert_clean_failure(bad_inputs, before, result.exit_code, result.stderr, expected_code, expected_text)
+    assert_clean_failure(
+        bad_inputs, before, result.exit_code, result.stderr, expected_code, expected_text, INPUT_DIRECTORIES
+    )
     assert result.stdout == ""
 
 
 @pytest.mark.parametrize("case", list(BAD_INVOCATIONS))
 def test_bad_input_is_one_error_line_in_a_subprocess(bad_inputs, case):
     args, expected_code, expected_text = BAD_INVOCATIONS[case]
-    before = _snapshot(bad_inputs)
+    before = snapshot_files(bad_inputs)
     completed = run_subprocess(args, cwd=bad_inputs)
-    _assert_clean_failure(bad_inputs, before, completed.returncode, completed.stderr, expected_code, expected_text)
+    assert_clean_failure(
+        bad_inputs, before, completed.returncode, completed.stderr, expected_code, expected_text, INPUT_DIRECTORIES
+    )
     assert "Traceback" not in completed.stderr and completed.stdout == ""

@@ -7,7 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest_data import digits_arrays, invoke, run_subprocess, write_digits_image_folder
+from conftest_data import (
+    assert_clean_failure,
+    digits_arrays,
+    invoke,
+    run_subprocess,
+    snapshot_files,
+    write_digits_image_folder,
+)
 from PIL import Image
 
 from dqkernels.cli_pixel import MAE_ARCH_NAMES
@@ -143,35 +150,29 @@ BAD_INVOCATIONS = {
 SUBPROCESS_CASES = ["drop of one", "image size off the grid", "checkpoint of another architecture"]
 
 
-def _snapshot(root):
-    """{relative path: bytes} of every file under ``root``."""
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-
-
-def _assert_clean_failure(root, before, exit_code, stderr, expected_code, expected_text):
-    lines = stderr.strip().splitlines()
-    assert exit_code == expected_code, stderr
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and expected_text in lines[0], stderr
-    assert _snapshot(root) == before, "files were added, removed or changed"
-    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["not_a_store", "not_empty", "store", "store_7x7"]
+INPUT_DIRECTORIES = ["not_a_store", "not_empty", "store", "store_7x7"]
 
 
 @pytest.mark.parametrize("case", list(BAD_INVOCATIONS))
 def test_bad_input_is_one_error_line_in_process(bad_inputs, monkeypatch, case):
     args, expected_code, expected_text = BAD_INVOCATIONS[case]
     monkeypatch.chdir(bad_inputs)
-    before = _snapshot(bad_inputs)
+    before = snapshot_files(bad_inputs)
     result = invoke(args)
-    _assert_clean_failure(bad_inputs, before, result.exit_code, result.stderr, expected_code, expected_text)
+    assert_clean_failure(
+        bad_inputs, before, result.exit_code, result.stderr, expected_code, expected_text, INPUT_DIRECTORIES
+    )
     assert result.stdout == ""
 
 
 @pytest.mark.parametrize("case", SUBPROCESS_CASES)
 def test_bad_input_is_one_error_line_in_a_subprocess(bad_inputs, case):
     args, expected_code, expected_text = BAD_INVOCATIONS[case]
-    before = _snapshot(bad_inputs)
+    before = snapshot_files(bad_inputs)
     completed = run_subprocess(args, cwd=bad_inputs)
-    _assert_clean_failure(bad_inputs, before, completed.returncode, completed.stderr, expected_code, expected_text)
+    assert_clean_failure(
+        bad_inputs, before, completed.returncode, completed.stderr, expected_code, expected_text, INPUT_DIRECTORIES
+    )
     assert "Traceback" not in completed.stderr and completed.stdout == ""
 
 

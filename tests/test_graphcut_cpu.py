@@ -5,7 +5,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import dqkernels
 from dqkernels import GradEmbedding, graphcut_bins
 from dqkernels.testing import check_binning
 
