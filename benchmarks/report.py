@@ -1,17 +1,25 @@
 """Turns pytest-benchmark JSON into the markdown tables (and log-log plots) of RESULTS.md.
 
-    python benchmarks/report.py benchmarks/results/cpu.json
+    python benchmarks/report.py benchmarks/results/cpu.json            # print the tables
     python benchmarks/report.py benchmarks/results/scaling.json --plots benchmarks/plots
+    python benchmarks/report.py --update benchmarks/RESULTS.md         # regenerate RESULTS.md
+
+``--update`` rewrites every block of RESULTS.md between ``<!-- begin generated: NAME -->`` and
+``<!-- end generated: NAME -->`` from ``benchmarks/results/NAME.json`` (and redraws the
+scaling plots), leaving the prose around them alone.
 
 Every record needs extra_info with engine, case, M, d and steps (what the bench files store).
 """
 
 import argparse
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from dqkernels._io import atomic_output
 
 BASELINE = "numpy-careful"
 OFFICIAL = "official-style"
@@ -100,18 +108,52 @@ def plot_scaling(records, out_dir: Path) -> list:
     return written
 
 
+def _global(records):
+    return [rec for rec in records if rec["case"].startswith("global")]
+
+
+def report(records) -> str:
+    """The comparison table, and the growth table when the global cases span several sizes."""
+    text = comparison_table(records)
+    if len({rec["M"] for rec in _global(records)}) > 2:
+        text += "\n\nGrowth exponents (least squares on log seconds against log M):\n\n"
+        text += growth_table(_global(records))
+    return text
+
+
+def update_results(results_md: Path) -> None:
+    """Regenerates the generated blocks of ``results_md`` from the JSON beside it."""
+    pattern = re.compile(r"(<!-- begin generated: (\w+) -->\n).*?(<!-- end generated: \2 -->)", re.S)
+    results_dir = results_md.parent / "results"
+
+    def regenerate(match):
+        name = match.group(2)
+        header, records = load_records(results_dir / f"{name}.json")
+        if len({rec["M"] for rec in _global(records)}) > 2:
+            plot_scaling(_global(records), results_md.parent / "plots")
+        return f"{match.group(1)}{header}\n\n{report(records)}\n{match.group(3)}"
+
+    text = pattern.sub(regenerate, results_md.read_text())
+    with atomic_output(results_md, "w") as handle:
+        handle.write(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", help="pytest-benchmark --benchmark-json output")
+    parser.add_argument("json", nargs="?", help="pytest-benchmark --benchmark-json output")
     parser.add_argument("--plots", type=Path, help="write log-log PNGs into this directory")
+    parser.add_argument("--update", type=Path, metavar="RESULTS_MD",
+                        help="regenerate the generated blocks of this RESULTS.md")
     args = parser.parse_args()
+    if args.update:
+        update_results(args.update)
+        return
+    if not args.json:
+        parser.error("give a JSON file, or --update RESULTS_MD")
     header, records = load_records(args.json)
     print(header)
     print()
-    print(comparison_table(records))
-    if len({rec["M"] for rec in records}) > 2:
-        print()
-        print(growth_table(records))
+    print(report(records))
     if args.plots:
         for path in plot_scaling(records, args.plots):
             print(f"\nwrote {path}")
