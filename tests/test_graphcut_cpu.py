@@ -18,6 +18,7 @@ SHAPES = [  # (M, d, bins): tiny, d = 1 / 3, M not divisible by bins, larger tha
     (513, 64, 10),
     (1001, 512, 10),
     (2000, 3, 3),
+    (4001, 64, 10),
 ]
 
 
