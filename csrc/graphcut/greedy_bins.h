@@ -93,6 +93,25 @@ inline ArgmaxPartial argmax_range(const double* __restrict score, int64_t lo, in
   return first_at_value(score, lo, hi, best);
 }
 
+// dots[i] = Σ_k cols[k·r + i]·q[k] for i in [lo, hi), cols (d × r): k outermost, so the inner
+// loop runs along the pool (vectorised, no horizontal sums) and every i accumulates in the same
+// order; positions are blocked so the running dots stay in L1.
+template <typename T>
+inline void pool_dots(const T* __restrict cols, int64_t r, int64_t d, const T* __restrict q,
+                      int64_t lo, int64_t hi, T* __restrict dots) {
+  constexpr int64_t kBlock = 2048;
+  for (int64_t start = lo; start < hi; start += kBlock) {
+    const int64_t end = std::min(hi, start + kBlock);
+    for (int64_t i = start; i < end; ++i) dots[i] = T(0);
+    for (int64_t k = 0; k < d; ++k) {
+      const T qk = q[k];
+      const T* __restrict col = cols + k * r;
+#pragma omp simd
+      for (int64_t i = start; i < end; ++i) dots[i] += col[i] * qk;
+    }
+  }
+}
+
 // One greedy problem (a class, or the whole data set).
 template <typename T>
 class GreedyBins {
@@ -193,23 +212,29 @@ class GreedyBins {
     return kernel_(p_.x + a * p_.d, ea, p_.x + b * p_.d, eb);
   }
 
-  // Compacts the pool's features so a streaming step reads them contiguously.
+  // Compacts the pool's features, transposed (d × r), so a streaming step runs along the pool.
   void compact_pool_features() {
     const int64_t r = static_cast<int64_t>(pool_.size());
-    pool_x_.resize(r * p_.d);
-    for (int64_t i = 0; i < r; ++i)
-      std::copy_n(p_.x + pool_[i] * p_.d, p_.d, pool_x_.data() + i * p_.d);
-    if (p_.embed) {
-      pool_e_.resize(r * p_.d_embed);
-      for (int64_t i = 0; i < r; ++i)
-        std::copy_n(p_.embed + pool_[i] * p_.d_embed, p_.d_embed, pool_e_.data() + i * p_.d_embed);
+    transpose_rows(p_.x, p_.d, pool_xt_);
+    if (p_.embed) transpose_rows(p_.embed, p_.d_embed, pool_et_);
+    pool_dots_.resize(r);
+    pool_dots_e_.resize(p_.embed ? r : 0);
+  }
+
+  // out (dims × r) = rows[pool]ᵀ for rows (n × dims).
+  void transpose_rows(const T* rows, int64_t dims, std::vector<T>& out) const {
+    const int64_t r = static_cast<int64_t>(pool_.size());
+    out.resize(r * dims);
+    for (int64_t i = 0; i < r; ++i) {
+      const T* row = rows + pool_[i] * dims;
+      for (int64_t k = 0; k < dims; ++k) out[k * r + i] = row[k];
     }
   }
 
   // score[i] += 2δ_i (and C2 −= δ_i) for pool positions [lo, hi) after picking sample `pick`;
   // returns the chunk's argmax. Taken slots hold −inf and stay there.
   ArgmaxPartial update_range(int64_t pick, int64_t lo, int64_t hi, double* __restrict score,
-                             const double* __restrict pool_norm, double* __restrict c2) const {
+                             const double* __restrict pool_norm, double* __restrict c2) {
     const double pick_norm = norms_[pick];
     const int64_t* __restrict pool = pool_.data();
     if (gram_) {
@@ -234,18 +259,31 @@ class GreedyBins {
         }
       }
       return first_at_value(score, lo, hi, best);
-    } else {
-      const T* xq = p_.x + pick * p_.d;
-      const T* eq = p_.embed ? p_.embed + pick * p_.d_embed : nullptr;
+    }
+    const int64_t r = static_cast<int64_t>(pool_.size());
+    T* __restrict dots = pool_dots_.data();
+    T* __restrict dots_e = pool_dots_e_.data();
+    pool_dots(pool_xt_.data(), r, p_.d, p_.x + pick * p_.d, lo, hi, dots);
+    if (p_.embed) pool_dots(pool_et_.data(), r, p_.d_embed, p_.embed + pick * p_.d_embed, lo, hi, dots_e);
+    double best = kTaken;
+    if (p_.embed) {  // gradient embeddings: k = (δ·δ*)(1 + e·e*), C2 runs across bins
+#pragma omp simd reduction(max : best)
       for (int64_t i = lo; i < hi; ++i) {
-        const T* ei = p_.embed ? pool_e_.data() + i * p_.d_embed : nullptr;
-        const double delta =
-            pool_norm[i] + pick_norm - 2.0 * kernel_(pool_x_.data() + i * p_.d, ei, xq, eq);
+        const double k_pick = static_cast<double>(dots[i]) * (1.0 + static_cast<double>(dots_e[i]));
+        const double delta = pool_norm[i] + pick_norm - 2.0 * k_pick;
         score[i] += 2.0 * delta;
-        if (c2) c2[i] -= delta;
+        c2[i] -= delta;
+        best = std::max(best, score[i]);
+      }
+    } else {
+#pragma omp simd reduction(max : best)
+      for (int64_t i = lo; i < hi; ++i) {
+        const double delta = pool_norm[i] + pick_norm - 2.0 * static_cast<double>(dots[i]);
+        score[i] += 2.0 * delta;
+        best = std::max(best, score[i]);
       }
     }
-    return argmax_range(score, lo, hi);
+    return first_at_value(score, lo, hi, best);
   }
 
   void run_bin(int64_t size, int64_t* picks_out) {
@@ -264,9 +302,9 @@ class GreedyBins {
 
     // Steps split across threads meet at a barrier every step. A Gram step (one row) is too short
     // for that to pay, and on a loaded machine a barrier can wait a whole scheduler time slice,
-    // so only streaming steps over a large pool (~1M multiply-adds and up) run in parallel.
+    // so only streaming steps over a large pool (~250k multiply-adds and up) run in parallel.
     const bool parallel = parallel_inside_ && !gram_ && omp_get_max_threads() > 1 &&
-                          r * (p_.d + p_.d_embed) >= (1 << 20);
+                          r * (p_.d + p_.d_embed) >= (1 << 18);
     const int n_threads = parallel ? omp_get_max_threads() : 1;
     // Partials are double-buffered by step parity, so one barrier per step suffices: a thread
     // cannot overwrite buffer k before every thread has passed the barrier of the step after it.
@@ -308,7 +346,8 @@ class GreedyBins {
   std::vector<double> norms_;
   std::vector<int64_t> pool_;
   GramMatrix<T> gram_;  // (n, n) when the Gram form runs
-  std::vector<T> pool_x_, pool_e_;
+  std::vector<T> pool_xt_, pool_et_;        // streaming form: pool features, (dims × r)
+  std::vector<T> pool_dots_, pool_dots_e_;  // streaming form: k(·, pick) over the pool
   std::vector<double> running_c2_;  // gradient embeddings only, indexed by sample
 };
 
