@@ -28,9 +28,10 @@ METRICS = ("cosine", "euclidean")
 BACKENDS = ("auto", "cpu", "torch", "triton", "reference")
 FORMS = ("auto", "gram", "stream")
 PRECISIONS = ("float32", "float64")
-# Below this many dims per sample a streaming step is as cheap as reading a Gram row, and the
-# Gram matrix's n² writes would dominate.
-_MIN_DIMS_FOR_GRAM = 16
+# Below this many dims per sample a streaming step costs about as much as reading a Gram row,
+# and writing the n² Gram matrix dominates: at d = 64 the streaming form is the faster one from
+# M ≈ 8 000 on, at d = 512 the Gram form is 3-4× faster (benchmarks/RESULTS.md, scaling).
+_MIN_DIMS_FOR_GRAM = 128
 
 
 def _version() -> str:
