@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -14,6 +13,7 @@ import numpy as np
 
 from . import reference
 from ._io import atomic_output
+from .checksum import features_checksum
 from ._validate import (
     GradEmbedding,
     as_choice,
@@ -124,16 +124,6 @@ def default_memory_budget() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
     except (ValueError, OSError, AttributeError):
         return 2 << 30
-
-
-def _features_checksum(features) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    arrays = features if isinstance(features, GradEmbedding) else (features,)
-    for array in arrays:
-        array = np.ascontiguousarray(array)
-        digest.update(str((array.dtype.str, array.shape)).encode())
-        digest.update(memoryview(array).cast("B"))
-    return digest.hexdigest()
 
 
 _CHUNK_ROWS = 1 << 14
@@ -337,7 +327,9 @@ def graphcut_bins(
         "precision": precision,
         "sizes": sizes if isinstance(sizes, str) else [int(s) for s in bin_sizes[0]],
         "version": _version(),
-        "checksum": _features_checksum(user_features),
+        "checksum": features_checksum(
+            user_features if isinstance(user_features, GradEmbedding) else (user_features,)
+        ),
     }
     return BinResult(order, bin_offsets, label_array, used_backend, used_form, meta)
 

@@ -58,15 +58,13 @@ from .api import (
     default_memory_budget,
     problem_layout,
 )
+from .checksum import block_digests, combine_digests, features_checksum
 from .sizes import split_sizes
 
 MODES = ("auto", "classes", "rows")
 # The longest a rank waits for another (torchrun jobs started by make_bins_distributed). In per-class
 # mode a rank also waits this long for the slowest rank to finish its classes.
 DEFAULT_TIMEOUT_S = 1800
-# Features are checksummed in blocks of about this many bytes, one digest per block (any rank
-# may hash any block, so the checksum does not depend on the number of ranks).
-_CHECKSUM_BLOCK_BYTES = 1 << 26
 # Pools up to this size get C2 summed pair by pair, like the C++ engine's small pools.
 _PAIRWISE_C2_MAX_POOL = 64
 
@@ -621,45 +619,22 @@ def _bin_rows(plan: _Plan, ranks: _Ranks, device) -> np.ndarray:
 # --------------------------------------------------------------------------- checksum
 
 
-def _block_digests(arrays, part: int, parts: int) -> dict:
-    """{(array index, block index): 16-byte blake2b digest} of the row blocks b ≡ part (mod
-    parts) of every array; a block is ~64 MiB of consecutive rows."""
-    digests = {}
-    for a, array in enumerate(arrays):
-        block_rows = max(1, _CHECKSUM_BLOCK_BYTES // max(1, array.shape[1] * array.dtype.itemsize))
-        for b in range(part, -(-len(array) // block_rows), parts):
-            block = np.ascontiguousarray(array[b * block_rows : (b + 1) * block_rows])
-            digests[(a, b)] = hashlib.blake2b(memoryview(block).cast("B"), digest_size=16).digest()
-    return digests
-
-
-def _combine_digests(arrays, digests: dict) -> str:
-    total = hashlib.blake2b(digest_size=16)
-    for array in arrays:
-        total.update(str((array.dtype.str, array.shape)).encode())
-    for key in sorted(digests):
-        total.update(digests[key])
-    return "blocks:" + total.hexdigest()
-
-
 def features_block_checksum(features) -> str:
-    """The checksum that distributed runs record: blake2b-128 over the arrays' (dtype, shape)
-    and the digests of consecutive ~64 MiB row blocks, so the ranks share the hashing and the
-    value does not depend on their number. features: (M, d) array or a GradEmbedding."""
+    """``dqkernels.checksum.features_checksum`` of features given as arrays, memory maps, torch
+    tensors or ``.npy`` paths. features: (M, d) or a GradEmbedding."""
     arrays = features if isinstance(features, GradEmbedding) else (features,)
-    arrays = [_as_row_source(array, "features") for array in arrays]
-    return _combine_digests(arrays, _block_digests(arrays, 0, 1))
+    return features_checksum([_as_row_source(array, "features") for array in arrays])
 
 
 def _distributed_checksum(source, ranks: _Ranks) -> str:
-    """``features_block_checksum`` with the blocks hashed round-robin by the ranks."""
+    """The features checksum with the blocks hashed round-robin by the ranks."""
     arrays = source if isinstance(source, GradEmbedding) else (source,)
     digests = {}
     for part in ranks.gather_objects(
-        _block_digests(arrays, ranks.rank, ranks.size), "checksumming the features"
+        block_digests(arrays, ranks.rank, ranks.size), "checksumming the features"
     ):
         digests.update(part)
-    return _combine_digests(arrays, digests)
+    return combine_digests(arrays, digests)
 
 
 # --------------------------------------------------------------------------- public API
