@@ -236,9 +236,9 @@ class GreedyBins {
   ArgmaxPartial update_range(int64_t pick, int64_t lo, int64_t hi, double* __restrict score,
                              const double* __restrict pool_norm, double* __restrict c2) {
     const double pick_norm = norms_[pick];
-    const int64_t* __restrict pool = pool_.data();
     if (gram_) {
       const T* __restrict gram_row = gram_.row(pick);
+      const int32_t* __restrict pool = pool32_.data();  // 32-bit indices: twice the gather width
       double best = kTaken;
       if (c2) {
 #pragma omp simd reduction(max : best)
@@ -295,7 +295,11 @@ class GreedyBins {
       score[i] = -p_.lam * c2[i];
       pool_norm[i] = norms_[pool_[i]];
     }
-    if (!gram_) compact_pool_features();
+    if (gram_) {
+      pool32_.assign(pool_.begin(), pool_.end());  // n² fits in memory, so n < 2³¹
+    } else {
+      compact_pool_features();
+    }
     double* c2_running = p_.embed ? c2.data() : nullptr;
     // The last pick's δ still has to reach C2 when C2 runs across bins.
     const int64_t n_updates = c2_running ? size : size - 1;
@@ -346,6 +350,7 @@ class GreedyBins {
   std::vector<double> norms_;
   std::vector<int64_t> pool_;
   GramMatrix<T> gram_;  // (n, n) when the Gram form runs
+  std::vector<int32_t> pool32_;  // the pool's sample ids, for the Gram form's row gathers
   std::vector<T> pool_xt_, pool_et_;        // streaming form: pool features, (dims × r)
   std::vector<T> pool_dots_, pool_dots_e_;  // streaming form: k(·, pick) over the pool
   std::vector<double> running_c2_;  // gradient embeddings only, indexed by sample
