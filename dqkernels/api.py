@@ -242,7 +242,7 @@ def graphcut_bins(
     sizes: "split" (np.array_split sizes), "official", or a list of N sizes (global mode).
     precision: "float32" or "float64" arithmetic; default float64 for float64 input, else float32.
     form: "gram" (one Gram matrix, then a row per step), "stream" (O(M·d) memory), or "auto":
-        Gram when it fits ``memory_budget`` bytes (default a quarter of RAM).
+        Gram for d >= 128 when it fits ``memory_budget`` bytes (default a quarter of RAM).
     threads: OpenMP threads (default: all cores).
     Returns a ``BinResult``. Raises ValueError/TypeError naming the bad argument.
     """
