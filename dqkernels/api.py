@@ -271,12 +271,7 @@ def graphcut_bins(
         source_dtype = source_dtype_name(features)
         dims = [int(user_features.shape[1])]
     m = len(user_features[0]) if isinstance(user_features, GradEmbedding) else len(user_features)
-    n_bins = as_positive_int(bins, "bins")
-    if n_bins > m:
-        raise ValueError(f"bins={n_bins} is more than the number of samples ({m})")
-    if precision is None:
-        precision = "float64" if input_dtype == np.float64 else "float32"
-    as_choice(precision, PRECISIONS, "precision")
+    n_bins, precision = bins_and_precision(bins, m, precision, input_dtype)
     if memory_budget is None:
         memory_budget = default_memory_budget()
     if threads is not None:
@@ -332,6 +327,18 @@ def graphcut_bins(
         ),
     }
     return BinResult(order, bin_offsets, label_array, used_backend, used_form, meta)
+
+
+def bins_and_precision(bins, m: int, precision, input_dtype) -> tuple:
+    """Checked (bins, precision): 1 <= bins <= M; precision defaults to float64 for float64
+    input, else float32."""
+    n_bins = as_positive_int(bins, "bins")
+    if n_bins > m:
+        raise ValueError(f"bins={n_bins} is more than the number of samples ({m})")
+    if precision is None:
+        precision = "float64" if input_dtype == np.float64 else "float32"
+    as_choice(precision, PRECISIONS, "precision")
+    return n_bins, precision
 
 
 def problem_layout(labels, m: int, n_bins: int, sizes):

@@ -47,7 +47,6 @@ from ._validate import (
 )
 from .api import (
     METRICS,
-    PRECISIONS,
     BinResult,
     _assemble,
     _choose_forms,
@@ -55,6 +54,7 @@ from .api import (
     _unit_rows,
     _version,
     _working_features,
+    bins_and_precision,
     default_memory_budget,
     problem_layout,
 )
@@ -256,12 +256,7 @@ def _plan(features, bins, labels, metric, lam, mode, sizes, precision, dst, rank
         source_dtype = source_dtype_name(source if isinstance(features, (str, os.PathLike)) else features)
         dims = [int(source.shape[1])]
     m = len(source.delta) if isinstance(source, GradEmbedding) else len(source)
-    n_bins = as_positive_int(bins, "bins")
-    if n_bins > m:
-        raise ValueError(f"bins={n_bins} is more than the number of samples ({m})")
-    if precision is None:
-        precision = "float64" if input_dtype == np.float64 else "float32"
-    as_choice(precision, PRECISIONS, "precision")
+    n_bins, precision = bins_and_precision(bins, m, precision, input_dtype)
     if mode == "auto":
         mode = "classes" if labels is not None else "rows"
     if mode == "rows" and isinstance(source, GradEmbedding):
