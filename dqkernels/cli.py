@@ -272,12 +272,16 @@ def sample_command(bins_path, ratio, seed, allocation, out, export_dir, source, 
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), help="Per-bin counts rule. Default: exact.")
 @click.option("--export", type=click.Path(path_type=Path), help="Write the subset in the input's format here.")
 @click.option("--link/--copy", default=None, help="Export images as symlinks instead of copies. Default: copy.")
+@click.option("--drop", type=click.FloatRange(0, 1, max_open=True),
+              help="Also quantize the subset's pixels: drop this fraction of each image's patches "
+                   "(GradCAM++) into WORK_DIR/patches. Default: no pixel stage.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def run_command(config_path: Optional[Path], quiet: bool, **options):
-    """Run features -> bins -> sample (-> export) in one go, resumably.
+    """Run features -> bins -> sample (-> export) (-> quantize) in one go, resumably.
 
     CONFIG is a YAML file of option names (e.g. `input: data/`, `bins: 10`, `ratio: 0.1`;
-    also `num_classes`, `lam`, `strict` and `feature_seed`, which have no option here), with
+    also `num_classes`, `lam`, `strict`, `feature_seed`, and for the pixel stage
+    `quantize_img_size`, `quantize_grid`, `cam_model`, `cam_checkpoint`, which have no option here), with
     paths relative to the file; command-line options override it. A stage whose inputs and
     options have not changed since its output was written is reused.
     """

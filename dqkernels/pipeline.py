@@ -708,8 +708,14 @@ class PipelineConfig:
     # export
     export: Optional[str] = None
     link: bool = False
+    # pixel quantization of the subset (images only; off unless ``drop`` is set)
+    drop: Optional[float] = None
+    quantize_img_size: int = 224
+    quantize_grid: int = 14
+    cam_model: str = "resnet18"
+    cam_checkpoint: Optional[str] = None
 
-    PATH_KEYS = ("input", "work_dir", "checkpoint", "text_model", "export")
+    PATH_KEYS = ("input", "work_dir", "checkpoint", "text_model", "export", "cam_checkpoint")
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "PipelineConfig":
@@ -845,7 +851,42 @@ def run_pipeline(config: PipelineConfig, log: Callable[[str], None] = print, pro
             write_json(export_record, {"dir": str(export_dir), "stage_fingerprint": export_fp})
             log(f"export: wrote {export_dir}")
         outputs["export"] = export_dir
+    if config.drop is not None:
+        outputs["patches"] = _quantize_stage(config, work_dir, subset_path, subset_fp, log, progress)
     return outputs
+
+
+def _quantize_stage(config: PipelineConfig, work_dir: Path, subset_path: Path, subset_fp: str,
+                    log: Callable[[str], None], progress: bool) -> Path:
+    """The pixel-quantization stage of ``run_pipeline``: GradCAM++ patch store of the subset in
+    work_dir/patches, reused while the subset and the quantization options are unchanged."""
+    from .pixel import quantize_images
+
+    if input_kind(config.input) == "text":
+        raise ValueError("drop: pixel quantization needs images, the input is text")
+    store_dir = work_dir / "patches"
+    record = work_dir / "patches.json"
+    options = {key: getattr(config, key) for key in (
+        "drop", "quantize_img_size", "quantize_grid", "cam_model", "cam_checkpoint", "feature_seed")}
+    quantize_fp = fingerprint_document({"subset": subset_fp, **options})
+    recorded_fp = _recorded_fingerprint(record, "patches")
+    if recorded_fp == quantize_fp and store_dir.is_dir():
+        log(f"quantize: reused {store_dir}")
+        return store_dir
+    if recorded_fp is not None and store_dir.is_dir():
+        shutil.rmtree(store_dir)  # this run's own previous store, made with other options
+    started = time.perf_counter()
+    outcome = quantize_images(
+        config.input, store_dir, subset=subset_path, drop=config.drop,
+        img_size=config.quantize_img_size, grid=config.quantize_grid, cam_model=config.cam_model,
+        cam_checkpoint=config.cam_checkpoint, batch_size=config.batch_size, device=config.device,
+        workers=config.workers, seed=config.feature_seed, progress=progress,
+    )
+    write_json(record, {"dir": str(store_dir), "stage_fingerprint": quantize_fp})
+    log(f"quantize: wrote {store_dir} ({outcome.count} images, {outcome.kept} of "
+        f"{outcome.num_patches} patches kept, {outcome.image_bytes} -> {outcome.store_bytes} bytes, "
+        f"{time.perf_counter() - started:.1f} s)")
+    return store_dir
 
 
 def _input_fingerprint(input_path: Path) -> str:

@@ -147,3 +147,30 @@ def test_run_pipeline_recomputes_only_stages_whose_inputs_changed(tmp_path, digi
     config.bins = 4
     assert run() == ["reused", "wrote", "wrote"]
     np.testing.assert_array_equal(np.load(tmp_path / "work" / "subset.npy"), first_subset)  # deterministic
+
+
+def test_run_pipeline_pixel_stage_stores_the_subset_and_is_reused(tmp_path, digits_folder):
+    from dqkernels.patch_store import PatchStore
+
+    config = pipeline.PipelineConfig(
+        input=str(digits_folder), work_dir=str(tmp_path / "work"), img_size=32, device="cpu",
+        bins=2, ratio=0.25, drop=0.5, quantize_img_size=56, quantize_grid=14, batch_size=16,
+    )
+
+    def run():
+        log = []
+        outputs = pipeline.run_pipeline(config, log=log.append)
+        return outputs, [line.split()[1] for line in log]
+
+    outputs, actions = run()
+    assert actions == ["wrote", "wrote", "wrote", "wrote"]
+    store = PatchStore(outputs["patches"])
+    subset = np.load(tmp_path / "work" / "subset.npy")
+    np.testing.assert_array_equal(np.sort(store.sample_ids), subset)
+    assert store.keep_counts.tolist() == [98] * len(subset)  # floor(196 · (1 − 0.5))
+
+    assert run()[1] == ["reused", "reused", "reused", "reused"]
+    config.drop = 0.25
+    outputs, actions = run()
+    assert actions == ["reused", "reused", "reused", "wrote"]
+    assert PatchStore(outputs["patches"]).keep_counts.tolist() == [147] * len(subset)
