@@ -59,6 +59,7 @@ from .api import (
     problem_layout,
 )
 from .checksum import block_digests, combine_digests, features_checksum
+from .pipeline import load_float_matrix
 from .sizes import split_sizes
 
 MODES = ("auto", "classes", "rows")
@@ -208,12 +209,7 @@ def _as_row_source(value, name: str) -> np.ndarray:
     """A 2-D floating numpy view of ``value`` (array, memmap, torch CPU tensor or .npy path)
     without reading its rows: finiteness is checked later, on the rows each rank reads."""
     if isinstance(value, (str, os.PathLike)):
-        try:
-            value = np.load(value, mmap_mode="r")
-        except (OSError, ValueError, EOFError) as error:
-            raise ValueError(f"{name} {str(value)!r} is not a readable .npy file ({error})") from None
-        if not isinstance(value, np.ndarray):
-            raise ValueError(f"{name} is an archive, expected one .npy array")
+        value = load_float_matrix(Path(value), name)
     if type(value).__module__.startswith("torch"):
         tensor = value.detach()
         if not torch.is_floating_point(tensor):

@@ -97,12 +97,10 @@ class GramMatrix {
  public:
   GramMatrix() = default;
   explicit GramMatrix(int64_t n)
-      : n_(n), n_tiles_((n + kTile - 1) / kTile), stride_(n_tiles_ * kTile),
+      : n_tiles_((n + kTile - 1) / kTile), stride_(n_tiles_ * kTile),
         data_(static_cast<T*>(::operator new[](sizeof(T) * stride_ * stride_, std::align_val_t(64)))) {}
 
-  int64_t n() const { return n_; }
   int64_t n_tiles() const { return n_tiles_; }
-  int64_t stride() const { return stride_; }
   explicit operator bool() const { return static_cast<bool>(data_); }
   T* row(int64_t a) { return data_.get() + a * stride_; }
   const T* row(int64_t a) const { return data_.get() + a * stride_; }
@@ -112,7 +110,7 @@ class GramMatrix {
   struct AlignedDelete {
     void operator()(T* p) const { ::operator delete[](p, std::align_val_t(64)); }
   };
-  int64_t n_ = 0, n_tiles_ = 0, stride_ = 0;
+  int64_t n_tiles_ = 0, stride_ = 0;
   std::unique_ptr<T, AlignedDelete> data_;
 };
 
