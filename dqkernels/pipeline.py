@@ -743,7 +743,8 @@ class PipelineConfig:
 
 
 def run_pipeline(config: PipelineConfig, log: Callable[[str], None] = print, progress: bool = False) -> dict:
-    """Features → bins → subset (→ export) in ``config.work_dir``, reusing finished stages.
+    """Features → bins → subset (→ export) (→ patch store) in ``config.work_dir``, reusing
+    finished stages.
 
     Each stage's fingerprint covers its upstream stage's fingerprint and its own options; a stage
     whose output records the same fingerprint is reused. Returns the output path of each stage.
@@ -752,6 +753,11 @@ def run_pipeline(config: PipelineConfig, log: Callable[[str], None] = print, pro
         raise ValueError("run needs an input (--input or 'input:' in the config)")
     if config.work_dir is None:
         raise ValueError("run needs a work directory (--work-dir or 'work_dir:' in the config)")
+    if config.drop is not None:  # checked before any stage runs
+        if isinstance(config.drop, bool) or not isinstance(config.drop, (int, float)) or not 0 <= config.drop < 1:
+            raise ValueError(f"drop must be a ratio in [0, 1), got {config.drop!r}")
+        if input_kind(config.input) == "text":
+            raise ValueError("drop: pixel quantization needs images, the input is text")
     work_dir = Path(config.work_dir)
     options = asdict(config)
     input_path = Path(config.input).resolve()
@@ -862,8 +868,6 @@ def _quantize_stage(config: PipelineConfig, work_dir: Path, subset_path: Path, s
     work_dir/patches, reused while the subset and the quantization options are unchanged."""
     from .pixel import quantize_images
 
-    if input_kind(config.input) == "text":
-        raise ValueError("drop: pixel quantization needs images, the input is text")
     store_dir = work_dir / "patches"
     record = work_dir / "patches.json"
     options = {key: getattr(config, key) for key in (

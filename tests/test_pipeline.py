@@ -174,3 +174,10 @@ def test_run_pipeline_pixel_stage_stores_the_subset_and_is_reused(tmp_path, digi
     outputs, actions = run()
     assert actions == ["reused", "reused", "reused", "wrote"]
     assert PatchStore(outputs["patches"]).keep_counts.tolist() == [147] * len(subset)
+
+
+def test_run_pipeline_checks_drop_before_any_stage(tmp_path, digits_folder):
+    config = pipeline.PipelineConfig(input=str(digits_folder), work_dir=str(tmp_path / "work"), drop=1.5)
+    with pytest.raises(ValueError, match=r"drop must be a ratio in \[0, 1\), got 1.5"):
+        pipeline.run_pipeline(config, log=lambda line: None)
+    assert not (tmp_path / "work").exists()
