@@ -4,7 +4,7 @@ careful_numpy_bins: what a careful numpy user writes — per bin the pool compac
     step one float32 gemv over the pool with float64 running sums, in-place updates.
 official_style_bins: the official DQ code's approach — a dense similarity matrix over the pool
     per bin (s = ½ + ½·cos) and a naive greedy that re-sums the selected rows every step
-    (``dqkernels.reference.official_graphcut_bins``).
+    (``dqkernels.graphcut.reference.official_graphcut_bins``).
 torch_naive_bins: the plain torch loop (one gemv and one argmax per step, host sync per step).
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dqkernels.reference import official_graphcut_bins
+from dqkernels.graphcut.reference import official_graphcut_bins
 
 
 def _split(m: int, n_bins: int) -> list:

@@ -89,7 +89,7 @@ def _rank_main(rank: int, world: int, store: str, options: dict, results_path: s
     import torch
     import torch.distributed as dist
 
-    from dqkernels.distributed import graphcut_bins_distributed
+    from dqkernels.graphcut.distributed import graphcut_bins_distributed
 
     backend = options["backend"]
     if backend == "nccl":

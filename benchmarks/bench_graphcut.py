@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import baselines  # noqa: E402
 
 import dqkernels  # noqa: E402
-from dqkernels.testing import check_binning  # noqa: E402
+from dqkernels.graphcut.testing import check_binning  # noqa: E402
 
 BINS = 10
 # (case name, classes, samples per class, dims)

@@ -20,9 +20,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dqkernels.mae import MaskedAutoencoder
-from dqkernels.patch_store import PatchBatch, PatchGeometry, patchify
-from dqkernels.pixel import gradcampp_map, gradcampp_patch_scores, keep_mask_from_scores
+from dqkernels.pixel.gradcam import (
+    gradcampp_map,
+    gradcampp_patch_scores,
+    keep_mask_from_scores,
+)
+from dqkernels.pixel.mae import MaskedAutoencoder
+from dqkernels.pixel.patch_store import PatchBatch, PatchGeometry, patchify
 
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 # case name: (device, images, MAE size, marks)

@@ -21,8 +21,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import baselines  # noqa: E402
 
 import dqkernels  # noqa: E402
-from dqkernels.reference import greedy_bins_reference, pairwise_sq_distances  # noqa: E402
-from dqkernels.sizes import split_sizes  # noqa: E402
+from dqkernels.graphcut.reference import greedy_bins_reference, pairwise_sq_distances  # noqa: E402
+from dqkernels.graphcut.sizes import split_sizes  # noqa: E402
 
 BINS = 10
 SIZES = [1000, 2000, 4000, 8000, 16000]

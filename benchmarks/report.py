@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dqkernels._io import atomic_output
+from dqkernels.core.atomic import atomic_output
 
 BASELINE = "numpy-careful"
 OFFICIAL = "official-style"

@@ -6,9 +6,10 @@
 
 __version__ = "0.1.0"
 
-from ._validate import GradEmbedding
-from .api import BinResult, graphcut_bins, load_bins
-from .sampling import SubsetResult, sample_bins
+from dqkernels import testing
+from dqkernels.core.validate import GradEmbedding
+from dqkernels.graphcut.api import BinResult, graphcut_bins, load_bins
+from dqkernels.sampling import SubsetResult, sample_bins
 
 __all__ = [
     "BinResult",
@@ -17,5 +18,6 @@ __all__ = [
     "graphcut_bins",
     "load_bins",
     "sample_bins",
+    "testing",
     "__version__",
 ]

@@ -16,7 +16,7 @@ from typing import Iterator, Union
 import numpy as np
 from torch.utils.data import Dataset, Sampler
 
-from .pipeline import load_subset_indices
+from dqkernels.formats.subset import load_subset_indices
 
 SubsetSource = Union[str, os.PathLike, np.ndarray]
 

@@ -93,7 +93,7 @@ def text_model_path() -> Path:
 
 def invoke(args: list[str]):
     """Run ``dqk ARGS`` in-process with click's CliRunner; returns the click Result."""
-    from dqkernels.cli import cli
+    from dqkernels.cli.main import cli
 
     return CliRunner().invoke(cli, [str(a) for a in args], prog_name="dqk")
 
@@ -145,7 +145,7 @@ def digits_folder_fixture(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session", name="digits_features")
 def digits_features_fixture(tmp_path_factory, digits_folder) -> Path:
     """Feature-set directory of ``digits_folder`` (resnet18, random init, 32 px, pooled)."""
-    from dqkernels.pipeline import extract_features
+    from dqkernels.pipeline.stages import extract_features
 
     return shared_directory(
         tmp_path_factory,

@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest_data import (
     assert_clean_failure,
-    snapshot_files,
     digits_arrays,
     digits_features_fixture,  # noqa: F401
     digits_folder_fixture,  # noqa: F401
     invoke,
     run_subprocess,
+    snapshot_files,
     text_model_path,
     write_instruction_jsonl,
     write_photo_tiles_folder,

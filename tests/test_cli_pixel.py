@@ -17,9 +17,9 @@ from conftest_data import (
 )
 from PIL import Image
 
-from dqkernels.cli_pixel import MAE_ARCH_NAMES
-from dqkernels.mae import MAE_ARCHS, MAEConfig, MaskedAutoencoder
-from dqkernels.patch_store import PatchStore, patchify, write_patch_store
+from dqkernels.cli.pixel import MAE_ARCH_NAMES
+from dqkernels.pixel.mae import MAE_ARCHS, MAEConfig, MaskedAutoencoder
+from dqkernels.pixel.patch_store import PatchStore, patchify, write_patch_store
 
 TINY = MAEConfig(patch_size=16, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
                  decoder_num_heads=2)

@@ -13,7 +13,9 @@ from conftest_data import digits_arrays, digits_folder_fixture, invoke, run_subp
 from PIL import Image
 
 import dqkernels
-from dqkernels import pipeline, tobias
+from dqkernels import pipeline
+from dqkernels.formats.subset import load_subset_indices
+from dqkernels.v2 import tobias
 
 # Small and fast: the mask model sees 64 px, the features 32 px, the swap runs at the digits' 32 px.
 FAST = ["--mask-px", "64", "--img-size", "32", "--cell-px", "8", "--batch-size", "16", "--device", "cpu"]
@@ -50,7 +52,7 @@ def read_run(out: Path) -> dict:
         "masks": masks,
         "mask_meta": mask_meta,
         "bins": dqkernels.load_bins(out / "bins.npz"),
-        "chosen": pipeline.load_subset_indices(out / "subset.npy"),
+        "chosen": load_subset_indices(out / "subset.npy"),
         "pool_labels": np.load(out / "pool_labels.npy"),
         "pool_features": np.load(out / "pool_features.npy"),
         "summary": json.loads((out / "v2.json").read_text()),
@@ -139,8 +141,8 @@ def test_subprocess_on_an_image_folder_exports_a_trainable_folder(tmp_path, digi
     run = read_run(out)
     chosen, recipes, pool_labels = run["chosen"], run["recipes"], run["pool_labels"]
     assert len(recipes) == 20 and chosen.shape == (15,)  # pool of 60, a quarter kept
-    listing = dqkernels.features.list_image_folder(digits_folder)
-    exported = dqkernels.features.list_image_folder(out / "subset")
+    listing = dqkernels.features.image.list_image_folder(digits_folder)
+    exported = dqkernels.features.image.list_image_folder(out / "subset")
     for cls, name in enumerate(listing.class_names):
         files = [p for p in exported.relative_paths if p.startswith(f"{name}/")]
         tobias_files = [p for p in files if Path(p).name.startswith("tobias_")]

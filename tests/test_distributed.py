@@ -175,7 +175,7 @@ def _assert_all_succeeded(outcomes) -> None:
 
 def _task_bin_cases(rank: int, directory: Path) -> None:
     """Every EXACT_CASES case; the result of each rank that gets one is saved."""
-    from dqkernels.distributed import graphcut_bins_distributed
+    from dqkernels.graphcut.distributed import graphcut_bins_distributed
 
     arrays = _load(directory)
     for name, case in EXACT_CASES:
@@ -192,7 +192,7 @@ def _task_bin_cases(rank: int, directory: Path) -> None:
 def _task_bad_inputs(rank: int, directory: Path) -> None:
     """Cases where one rank's input is wrong; every rank records the error it got, then all bin
     a good input together to show that the group is still usable."""
-    from dqkernels.distributed import graphcut_bins_distributed
+    from dqkernels.graphcut.distributed import graphcut_bins_distributed
 
     arrays = _load(directory)
     x = np.array(arrays["x"])
@@ -247,7 +247,7 @@ def _kill_at_collective(victim: int, rank: int, at: int) -> None:
 
 def _task_killed_rank(rank: int, directory: Path, mode: str, kill_at: int) -> None:
     """Rank 1 dies at its ``kill_at``-th collective while the ranks bin in ``mode``."""
-    from dqkernels.distributed import graphcut_bins_distributed
+    from dqkernels.graphcut.distributed import graphcut_bins_distributed
 
     arrays = _load(directory)
     _kill_at_collective(1, rank, kill_at)
@@ -261,7 +261,7 @@ def _task_killed_rank(rank: int, directory: Path, mode: str, kill_at: int) -> No
 @pytest.mark.parametrize("world", [2, 3])
 def test_both_modes_give_the_single_process_bins_in_float64(tmp_path, world):
     import dqkernels
-    from dqkernels.distributed import features_block_checksum
+    from dqkernels.graphcut.distributed import features_block_checksum
 
     arrays = _write_data(tmp_path)
     _assert_all_succeeded(_launch(world, tmp_path, "_task_bin_cases"))
@@ -288,7 +288,7 @@ def test_both_modes_give_the_single_process_bins_in_float64(tmp_path, world):
 
 def test_float32_passes_the_replay_check(tmp_path):
     import dqkernels
-    from dqkernels.testing import check_binning
+    from dqkernels.graphcut.testing import check_binning
 
     arrays = _write_data(tmp_path, dtype=np.float32, seed=1)
     _assert_all_succeeded(_launch(2, tmp_path, "_task_bin_cases"))
@@ -417,14 +417,14 @@ def test_cli_rejects_a_distributed_run_outside_torchrun(tmp_path, monkeypatch):
 
 
 def test_api_needs_an_initialised_process_group():
-    from dqkernels.distributed import graphcut_bins_distributed
+    from dqkernels.graphcut.distributed import graphcut_bins_distributed
 
     with pytest.raises(ValueError, match="initialised process group"):
         graphcut_bins_distributed(np.ones((4, 2)), bins=2)
 
 
 def test_classes_are_dealt_by_cost():
-    from dqkernels.distributed import deal_classes, shard_bounds
+    from dqkernels.graphcut.distributed import deal_classes, shard_bounds
 
     rng = np.random.default_rng(0)
     counts = rng.integers(1, 500, size=40)
@@ -490,6 +490,6 @@ if __name__ == "__main__":
     # torchrun entry: python tests/test_distributed.py --kill-rank R --kill-at K <dqk arguments>
     kill_rank, kill_at = int(sys.argv[2]), int(sys.argv[4])
     _kill_at_collective(kill_rank, int(os.environ["RANK"]), kill_at)
-    from dqkernels.cli import cli
+    from dqkernels.cli.main import cli
 
     cli(sys.argv[5:], prog_name="dqk")

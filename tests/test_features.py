@@ -14,14 +14,14 @@ from conftest_data import (
     write_instruction_jsonl,
 )
 
-from dqkernels.features import (
+from dqkernels.features.image import (
     build_model,
     check_model_name,
     extract_image_features,
     list_image_folder,
     load_image_array,
 )
-from dqkernels.text import (
+from dqkernels.features.text import (
     embed_texts,
     read_instruction_records,
     record_text,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dqkernels import GradEmbedding, graphcut_bins
-from dqkernels.testing import check_binning
+from dqkernels.graphcut.testing import check_binning
 
 FORMS = ["gram", "stream"]
 SHAPES = [  # (M, d, bins): tiny, d = 1 / 3, M not divisible by bins, larger than one tile
@@ -196,8 +196,8 @@ def test_float32_input_in_float64_precision_is_exact(rng):
 @pytest.mark.parametrize("lam", [0.5, 1.0, 1.7])
 def test_official_rule_gives_the_same_bins(rng, lam):
     """SPEC §1: the official GraphCut (s = ½ + ½·cos, naive greedy) is the same argmax."""
-    from dqkernels.reference import official_graphcut_bins
-    from dqkernels.sizes import split_sizes
+    from dqkernels.graphcut.reference import official_graphcut_bins
+    from dqkernels.graphcut.sizes import split_sizes
 
     x = rng.standard_normal((240, 10))
     ours = graphcut_bins(x, bins=6, metric="cosine", lam=lam)

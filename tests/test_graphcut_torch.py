@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dqkernels import GradEmbedding, graphcut_bins
-from dqkernels.testing import check_binning
+from dqkernels.graphcut.testing import check_binning
 
 torch = pytest.importorskip("torch")
 BACKENDS = ["torch", "triton"]

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from dqkernels.mae import (
+from dqkernels.pixel.mae import (
     MAE_ARCHS,
     MAEConfig,
     MaskedAutoencoder,
@@ -21,7 +21,14 @@ from dqkernels.mae import (
     mae_sincos_pos_embed,
     reconstruct_store,
 )
-from dqkernels.patch_store import PatchBatch, PatchGeometry, PatchStore, patchify, unpatchify, write_patch_store
+from dqkernels.pixel.patch_store import (
+    PatchBatch,
+    PatchGeometry,
+    PatchStore,
+    patchify,
+    unpatchify,
+    write_patch_store,
+)
 
 TINY = MAEConfig(patch_size=16, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=2,
                  decoder_num_heads=4)

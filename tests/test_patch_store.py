@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest_data import digits_arrays
 
-from dqkernels.patch_store import (
+from dqkernels.pixel.patch_store import (
     PatchGeometry,
     PatchStore,
     PatchStoreWriter,

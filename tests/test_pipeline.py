@@ -10,6 +10,12 @@ from conftest_data import digits_arrays, digits_features_fixture, digits_folder_
 
 import dqkernels
 from dqkernels import pipeline
+from dqkernels.core.fingerprint import (
+    fingerprint_arrays,
+    fingerprint_document,
+    fingerprint_file_listing,
+)
+from dqkernels.formats.feature_set import open_feature_set
 
 
 @pytest.fixture
@@ -19,23 +25,23 @@ def feature_dir(tmp_path, digits_features):
 
 
 def test_feature_set_opens_from_directory_sidecar_or_its_npy(feature_dir):
-    from_dir = pipeline.open_feature_set(feature_dir)
-    from_sidecar = pipeline.open_feature_set(feature_dir / "features.json")
-    from_npy = pipeline.open_feature_set(feature_dir / "feats.npy")
+    from_dir = open_feature_set(feature_dir)
+    from_sidecar = open_feature_set(feature_dir / "features.json")
+    from_npy = open_feature_set(feature_dir / "feats.npy")
     for feature_set in (from_dir, from_sidecar, from_npy):
         assert isinstance(feature_set.features, np.memmap) and feature_set.features.shape == (40, 512)
         assert feature_set.labels.tolist() == [c for c in range(10) for _ in range(4)]
         assert feature_set.sidecar_path == feature_dir / "features.json"
-    assert pipeline.open_feature_set(feature_dir, use_labels=False).labels is None
+    assert open_feature_set(feature_dir, use_labels=False).labels is None
     np.save(feature_dir / "other_labels.npy", np.arange(40) % 2)
-    overridden = pipeline.open_feature_set(feature_dir, labels=feature_dir / "other_labels.npy", use_labels=False)
+    overridden = open_feature_set(feature_dir, labels=feature_dir / "other_labels.npy", use_labels=False)
     assert overridden.labels.tolist() == (np.arange(40) % 2).tolist()
 
 
 def test_bare_npy_is_not_claimed_by_an_unrelated_sidecar(tmp_path):
     np.save(tmp_path / "mine.npy", np.ones((5, 3)))
     (tmp_path / "features.json").write_text('{"written by": "another tool"}')
-    feature_set = pipeline.open_feature_set(tmp_path / "mine.npy")
+    feature_set = open_feature_set(tmp_path / "mine.npy")
     assert feature_set.sidecar is None and feature_set.labels is None
 
 
@@ -43,7 +49,7 @@ def test_gradient_feature_set_becomes_a_grad_embedding(tmp_path):
     images, labels = digits_arrays(12)
     np.savez(tmp_path / "digits.npz", images=images, labels=labels)
     pipeline.extract_features(tmp_path / "digits.npz", tmp_path / "grad", mode="gradient", img_size=32, device="cpu")
-    feature_set = pipeline.open_feature_set(tmp_path / "grad" / "embed.npy")
+    feature_set = open_feature_set(tmp_path / "grad" / "embed.npy")
     assert isinstance(feature_set.features, dqkernels.GradEmbedding)
     assert feature_set.features.delta.shape == (12, 10) and feature_set.features.embed.shape == (12, 512)
     np.testing.assert_allclose(feature_set.features.delta.sum(axis=1), 0.0, atol=1e-6)  # softmax − onehot
@@ -52,17 +58,17 @@ def test_gradient_feature_set_becomes_a_grad_embedding(tmp_path):
 
 def test_fingerprints_follow_content(tmp_path, digits_folder):
     listing = ["0/0000.png", "1/0001.png"]
-    folder_fp = pipeline.fingerprint_file_listing(digits_folder, listing)
-    assert folder_fp == pipeline.fingerprint_file_listing(digits_folder, listing[::-1])
+    folder_fp = fingerprint_file_listing(digits_folder, listing)
+    assert folder_fp == fingerprint_file_listing(digits_folder, listing[::-1])
     copy = shutil.copytree(digits_folder, tmp_path / "copy")
     os.utime(copy / listing[0], ns=(1, 1))
-    assert pipeline.fingerprint_file_listing(copy, listing) != folder_fp
+    assert fingerprint_file_listing(copy, listing) != folder_fp
 
     values = np.arange(12, dtype=np.float32).reshape(4, 3)
-    assert pipeline.fingerprint_arrays(values) == pipeline.fingerprint_arrays(values.copy())
-    assert pipeline.fingerprint_arrays(values) != pipeline.fingerprint_arrays(values.astype(np.float64))
-    assert pipeline.fingerprint_arrays(values) != pipeline.fingerprint_arrays(values, np.zeros(4, np.int64))
-    assert pipeline.fingerprint_document({"a": 1, "b": 2}) == pipeline.fingerprint_document({"b": 2, "a": 1})
+    assert fingerprint_arrays(values) == fingerprint_arrays(values.copy())
+    assert fingerprint_arrays(values) != fingerprint_arrays(values.astype(np.float64))
+    assert fingerprint_arrays(values) != fingerprint_arrays(values, np.zeros(4, np.int64))
+    assert fingerprint_document({"a": 1, "b": 2}) == fingerprint_document({"b": 2, "a": 1})
 
 
 def test_failed_stages_write_nothing(tmp_path, feature_dir):
@@ -150,7 +156,7 @@ def test_run_pipeline_recomputes_only_stages_whose_inputs_changed(tmp_path, digi
 
 
 def test_run_pipeline_pixel_stage_stores_the_subset_and_is_reused(tmp_path, digits_folder):
-    from dqkernels.patch_store import PatchStore
+    from dqkernels.pixel.patch_store import PatchStore
 
     config = pipeline.PipelineConfig(
         input=str(digits_folder), work_dir=str(tmp_path / "work"), img_size=32, device="cpu",

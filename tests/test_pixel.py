@@ -9,7 +9,11 @@ import pytest
 import timm
 import torch
 
-from dqkernels.pixel import gradcampp_patch_scores, keep_count, keep_mask_from_scores
+from dqkernels.pixel.gradcam import (
+    gradcampp_patch_scores,
+    keep_count,
+    keep_mask_from_scores,
+)
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]

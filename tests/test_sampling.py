@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from dqkernels import graphcut_bins, load_bins, sample_bins
-from dqkernels.sampling import largest_remainder
-from dqkernels.sizes import official_sizes, split_sizes
+from dqkernels.graphcut.sizes import official_sizes, split_sizes
+from dqkernels.sampling.sample import largest_remainder
 
 
 def test_split_sizes_match_numpy():

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest_data import digits_arrays
 from PIL import Image
 
-from dqkernels import tobias
+from dqkernels.v2 import tobias
 
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "camera")
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import dqkernels
-from dqkernels import tobias
+from dqkernels.v2 import tobias
 
 
 def dq_bins(features: np.ndarray, labels: np.ndarray, n_bins: int) -> dqkernels.BinResult:

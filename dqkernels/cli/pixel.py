@@ -3,8 +3,8 @@
     dqk quantize --images data/train --subset subset.npy --drop 0.25 -o patches/
     dqk reconstruct patches/ --mae mae_visualize_vit_large.pth -o images/
 
-Thin wrappers over :func:`dqkernels.pixel.quantize_images` and
-:func:`dqkernels.mae.reconstruct_store`; registered on the ``dqk`` group, whose error handling
+Thin wrappers over :func:`dqkernels.pixel.gradcam.quantize_images` and
+:func:`dqkernels.pixel.mae.reconstruct_store`; registered on the ``dqk`` group, whose error handling
 turns a bad input into one ``Error: ...`` line.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from .pixel import CAM_MODES, CAM_TARGETS, DEFAULT_DROP
+from dqkernels.pixel.gradcam import CAM_MODES, CAM_TARGETS, DEFAULT_DROP
 
 MAE_ARCH_NAMES = ("base", "large", "huge")
 _EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -61,7 +61,7 @@ def _show_progress(quiet: bool) -> bool:
 def quantize_command(images_path, subset_path, drop, out_dir, img_size, grid, cam_model, cam_checkpoint,
                      cam_layer, target, mode, batch_size, device, workers, seed, quiet):
     """Keep the informative patches of each image (GradCAM++) in a patch store."""
-    from .pixel import quantize_images
+    from dqkernels.pixel.gradcam import quantize_images
 
     outcome = quantize_images(
         images_path, out_dir, subset=subset_path, drop=drop, img_size=img_size, grid=grid,
@@ -91,7 +91,7 @@ def quantize_command(images_path, subset_path, drop, out_dir, img_size, grid, ca
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def reconstruct_command(store_path, mae_checkpoint, arch, out_dir, batch_size, device, quiet):
     """Rebuild the full images of PATCHES (from `dqk quantize`) with an MAE, as an ImageFolder tree."""
-    from .mae import reconstruct_store
+    from dqkernels.pixel.mae import reconstruct_store
 
     outcome = reconstruct_store(store_path, mae_checkpoint, out_dir, arch=arch, batch_size=batch_size,
                                 device=device, progress=_show_progress(quiet))

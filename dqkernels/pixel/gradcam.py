@@ -22,7 +22,12 @@ from typing import Optional
 
 import numpy as np
 
-from .patch_store import PatchGeometry, PatchStore, PatchStoreWriter, check_empty_destination
+from dqkernels.pixel.patch_store import (
+    PatchGeometry,
+    PatchStore,
+    PatchStoreWriter,
+    check_empty_destination,
+)
 
 CAM_MODES = ("paper", "compat")
 CAM_TARGETS = ("pred", "label")
@@ -232,8 +237,10 @@ def select_samples(images_path: str | os.PathLike, subset: Optional[str | os.Pat
     that could not be read were skipped there), else through the folder's sorted listing, as
     ``dqk features`` lists it. For an image array the ids are its rows.
     """
-    from .features import list_image_folder, load_image_array
-    from .pipeline import input_kind, load_subset_indices, read_manifest, read_sidecar
+    from dqkernels.features.image import list_image_folder, load_image_array
+    from dqkernels.formats.feature_set import read_sidecar
+    from dqkernels.formats.inputs import input_kind
+    from dqkernels.formats.subset import load_subset_indices, read_manifest
 
     path = Path(images_path)
     kind = input_kind(path)
@@ -279,7 +286,7 @@ def _uint8_batches(samples: SourceSamples, img_size: int, batch_size: int, worke
     import torch
 
     if samples.kind == "image-folder":
-        from .features import _file_batches
+        from dqkernels.features.image import _file_batches
 
         paths = [str(samples.path / item) for item in samples.items]
         for rows, pixels, failures in _file_batches(paths, img_size, batch_size, workers, pin_memory=False):
@@ -289,7 +296,7 @@ def _uint8_batches(samples: SourceSamples, img_size: int, batch_size: int, worke
             yield rows.numpy(), pixels
         return
 
-    from .features import load_image_array
+    from dqkernels.features.image import load_image_array
 
     images, _ = load_image_array(samples.path)
     for start in range(0, samples.sample_ids.shape[0], batch_size):
@@ -356,8 +363,8 @@ def quantize_images(
     """
     from tqdm.auto import tqdm
 
-    from .features import _resize_normalize, build_model, resolve_device
-    from .pipeline import fingerprint_file
+    from dqkernels.core.fingerprint import fingerprint_file
+    from dqkernels.features.image import _resize_normalize, build_model, resolve_device
 
     if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1 or CAM_IMAGE_SIZE % grid:
         raise ValueError(f"grid must be a positive integer dividing {CAM_IMAGE_SIZE}, got {grid!r}")

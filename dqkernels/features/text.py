@@ -109,7 +109,7 @@ def load_text_model(model_path: str | os.PathLike, device: Optional[str] = None)
         ) from error
     from transformers.utils import logging as transformers_logging
 
-    from .features import resolve_device
+    from dqkernels.features.image import resolve_device
 
     device = str(resolve_device(device))
     model_path = Path(model_path)

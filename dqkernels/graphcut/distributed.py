@@ -27,10 +27,8 @@ group's timeout.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -39,13 +37,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._validate import (
+from dqkernels.core.checksum import block_digests, combine_digests, features_checksum
+from dqkernels.core.validate import (
     GradEmbedding,
     as_choice,
     as_positive_int,
+    load_float_matrix,
     source_dtype_name,
 )
-from .api import (
+from dqkernels.graphcut.api import (
     METRICS,
     BinResult,
     _assemble,
@@ -58,9 +58,7 @@ from .api import (
     default_memory_budget,
     problem_layout,
 )
-from .checksum import block_digests, combine_digests, features_checksum
-from .pipeline import load_float_matrix
-from .sizes import split_sizes
+from dqkernels.graphcut.sizes import split_sizes
 
 MODES = ("auto", "classes", "rows")
 # The longest a rank waits for another (torchrun jobs started by make_bins_distributed). In per-class
@@ -385,11 +383,11 @@ def _local_engine(x, embed, offsets, bin_sizes, lam, dtype, device, threads):
     """
     counts = np.diff(offsets)
     if device.type != "cpu":
-        from .torch_engine import graphcut_bins_torch
+        from dqkernels.graphcut.torch_engine import graphcut_bins_torch
 
         return graphcut_bins_torch(x, embed, offsets, bin_sizes, lam, device), "gram"
     try:
-        from . import _C
+        from dqkernels import _C
     except ImportError as error:
         raise ValueError(
             f"the C++ engine is not built ({error}); reinstall with `pip install -e .`"
@@ -611,7 +609,7 @@ def _bin_rows(plan: _Plan, ranks: _Ranks, device) -> np.ndarray:
 
 
 def features_block_checksum(features) -> str:
-    """``dqkernels.checksum.features_checksum`` of features given as arrays, memory maps, torch
+    """``dqkernels.core.checksum.features_checksum`` of features given as arrays, memory maps, torch
     tensors or ``.npy`` paths. features: (M, d) or a GradEmbedding."""
     arrays = features if isinstance(features, GradEmbedding) else (features,)
     return features_checksum([_as_row_source(array, "features") for array in arrays])
@@ -707,81 +705,3 @@ def graphcut_bins_distributed(
         distributed={"mode": plan.mode, "world_size": ranks.size, "process_group": ranks.backend},
     )
     return BinResult(order, bin_offsets, plan.labels, backend, form, meta)
-
-
-def make_bins_distributed(
-    features,
-    bins: int = 10,
-    *,
-    out=None,
-    labels=None,
-    use_labels: bool = True,
-    metric: str = "cosine",
-    lam: float = 1.0,
-    device: Optional[str] = None,
-    sizes: str = "split",
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-):
-    """One rank of a ``torchrun`` job: ``pipeline.make_bins`` with the work spread over the job.
-
-    Joins the job's process group from torchrun's environment (gloo on the CPU; NCCL when
-    ``device`` is cuda, each rank on cuda:LOCAL_RANK), with ``timeout_s`` seconds as the longest
-    any rank waits for another — in per-class mode that includes waiting for the slowest rank's
-    classes, so it must exceed the binning time of the largest class. Opens the features memory-mapped (each rank reads its own rows),
-    bins per class when there are labels and by row shards otherwise, and writes ``out``
-    (default: bins.npz beside the features) from rank 0, atomically, once every rank has
-    finished: a failed job leaves no output file. Any rank's error is raised on every rank.
-    Returns the ``pipeline.BinsOutcome`` on rank 0, None on the other ranks.
-    """
-    from .pipeline import BinsOutcome, open_feature_set
-
-    torchrun_variables = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    missing = [name for name in torchrun_variables if name not in os.environ]
-    if missing:
-        raise ValueError(
-            f"distributed binning runs under torchrun ({', '.join(missing)} not set), e.g. "
-            "torchrun --nproc-per-node 4 -m dqkernels.cli bin --features F --distributed"
-        )
-    cuda = device is not None and str(device).startswith("cuda")
-    if cuda:
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r}: no CUDA device is available to torch")
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    try:
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    except RuntimeError as error:
-        raise PeerFailureError(f"could not join the torchrun job ({' '.join(str(error).split())})") from error
-    try:
-        ranks = _Ranks.of(None)
-        feature_set, failure = None, None
-        try:
-            feature_set = open_feature_set(features, labels=labels, use_labels=use_labels)
-            if out is None:
-                base = feature_set.path if feature_set.path.is_dir() else feature_set.path.parent
-                out = base / "bins.npz"
-            if ranks.rank == 0:
-                Path(out).parent.mkdir(parents=True, exist_ok=True)
-        except (ValueError, TypeError, OSError) as error:
-            failure = error
-        ranks.agree(failure, "opening the features")
-
-        started = time.perf_counter()
-        result = graphcut_bins_distributed(
-            feature_set.features, bins, feature_set.labels, metric, lam, sizes=sizes
-        )
-        seconds = time.perf_counter() - started
-        failure = None
-        if result is not None:
-            result.meta["features_path"] = str(feature_set.path.resolve())
-            result.meta["features_sidecar"] = (
-                str(feature_set.sidecar_path.resolve()) if feature_set.sidecar_path is not None else None
-            )
-            result.meta["stage_fingerprint"] = None
-            try:
-                result.save(out)
-            except (ValueError, OSError) as error:
-                failure = ValueError(f"could not write {out}: {error}")
-        ranks.agree(failure, "writing the bins file")
-        return None if result is None else BinsOutcome(result, Path(out), seconds)
-    finally:
-        dist.destroy_process_group()

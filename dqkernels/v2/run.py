@@ -10,7 +10,7 @@ replaces it in one rename at the end, so a failed run leaves nothing behind. ``o
 * ``masks.npz`` — ``masks`` (N, g, g) bool foreground masks of the originals and ``meta`` (JSON:
   grid, mask model, input fingerprint); pass it back with ``masks=`` to skip recomputing them;
 * ``recipes.npz`` — ``base``, ``partner`` (−1: no swap), ``key``: (T,) int64 each, the recipe of
-  every Tobias image (regenerate with :func:`dqkernels.tobias.render`), and ``meta`` (JSON);
+  every Tobias image (regenerate with :func:`dqkernels.v2.tobias.render`), and ``meta`` (JSON);
 * ``pool_features.npy`` (N+T, D) float32 and ``pool_labels.npy`` (N+T,) int64 (when labelled);
 * ``bins.npz`` and ``subset.npy`` + ``subset.json``: bins and the sampled pool ids (SPEC §1–3);
 * ``subset/`` — the chosen samples in the input's format: an image folder gets the chosen
@@ -35,13 +35,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import click
 import numpy as np
 
-from . import pipeline, tobias
-from ._io import atomic_output
-from .api import METRICS
-from .sampling import ALLOCATIONS
+from dqkernels import pipeline
+from dqkernels.core.atomic import atomic_output, save_npy, write_json, write_lines
+from dqkernels.core.fingerprint import (
+    fingerprint_arrays,
+    fingerprint_file,
+    fingerprint_file_listing,
+)
+from dqkernels.formats.inputs import input_kind
+from dqkernels.graphcut.api import METRICS
+from dqkernels.sampling.sample import ALLOCATIONS
+from dqkernels.v2 import tobias
 
 V2_FORMAT = "dqkernels.v2"
 MASK_MODELS = ("random", "early")
@@ -87,23 +93,23 @@ class _ImageSource:
     """
 
     def __init__(self, path: Path):
-        from .features import list_image_folder, load_image_array
+        from dqkernels.features.image import list_image_folder, load_image_array
 
         self.path = path
-        self.kind = pipeline.input_kind(path)
+        self.kind = input_kind(path)
         if self.kind == "image-folder":
             self.listing = list_image_folder(path)
             self.array = None
             self.labels = self.listing.labels
             self.count = len(self.listing.relative_paths)
             self.channels = 3
-            self.fingerprint = pipeline.fingerprint_file_listing(path, self.listing.relative_paths)
+            self.fingerprint = fingerprint_file_listing(path, self.listing.relative_paths)
         elif self.kind == "image-array":
             self.listing = None
             self.array, self.labels = load_image_array(path)
             self.count = int(self.array.shape[0])
             self.channels = 1 if self.array.ndim == 3 else int(self.array.shape[3])
-            self.fingerprint = pipeline.fingerprint_arrays(self.array, self.labels)
+            self.fingerprint = fingerprint_arrays(self.array, self.labels)
         else:
             raise ValueError(f"dqk v2 needs images (an image folder or a .npy/.npz array), not {self.kind} data")
 
@@ -150,7 +156,7 @@ class _WorkingImages:
 def _render_tobias(source: _ImageSource, recipes: tobias.TobiasRecipes, masks: np.ndarray, side: int) -> list:
     """Tobias images of ``recipes`` at their base's own size: list of (C, H, W) tensors.
 
-    The same operations as :func:`dqkernels.tobias.render`, for images of any sizes read from
+    The same operations as :func:`dqkernels.v2.tobias.render`, for images of any sizes read from
     ``source``: resize to ``side`` square, swap, resize back; a recipe without partner gives its
     base image exactly.
     """
@@ -170,7 +176,7 @@ def _render_tobias(source: _ImageSource, recipes: tobias.TobiasRecipes, masks: n
 
 def _pooled_features(network, images: list, *, img_size, batch_size, device) -> np.ndarray:
     """(B, D) float32 pooled features of a list of (C, H, W) tensors, one pass per distinct size."""
-    from .features import extract_image_features
+    from dqkernels.features.image import extract_image_features
 
     rows = [None] * len(images)
     for positions in _group_by_size([image.shape[-2:] for image in images]).values():
@@ -207,14 +213,14 @@ def _load_stored_masks(path: Path, source: _ImageSource, grid: int) -> tuple[np.
 def _compute_masks(source: _ImageSource, *, grid: int, side: int, mask_model: str, mask_checkpoint,
                    mask_epochs: int, mask_px: int, batch_size: int, seed: int, device) -> tuple[np.ndarray, dict]:
     """Foreground masks of every original (computed from its ``side``-square resize) and their metadata."""
-    from .features import build_model
+    from dqkernels.features.image import build_model
 
     working = _WorkingImages(source, side)
     meta = {"model": tobias.MASK_MODEL_NAME, "kind": mask_model, "seed": seed, "input_px": mask_px}
     if mask_checkpoint is not None:
         model = build_model(tobias.MASK_MODEL_NAME, checkpoint=mask_checkpoint)
         meta.update(kind="checkpoint", checkpoint=str(Path(mask_checkpoint).resolve()),
-                    checkpoint_sha256=pipeline.fingerprint_file(mask_checkpoint))
+                    checkpoint_sha256=fingerprint_file(mask_checkpoint))
     elif mask_model == "early":
         model = tobias.train_mask_model(
             working, source.labels, epochs=mask_epochs, batch_size=batch_size, seed=seed,
@@ -297,7 +303,7 @@ def run_v2(
     mix: Tobias images per original (T = round(mix·N); 0 gives plain DQ without MAE).
     bins / ratio / metric / allocation: as ``dqk bin`` and ``dqk sample``; bins are per class
         when the images have labels.
-    grid, cell_px, bg_prob: the Tobias swap (:mod:`dqkernels.tobias`).
+    grid, cell_px, bg_prob: the Tobias swap (:mod:`dqkernels.v2.tobias`).
     mask_model: "random" (seeded random ResNet-50) or "early" (that ResNet-50 trained
         ``mask_epochs`` epochs on the images; needs labels); mask_checkpoint: local ResNet-50
         weights to use instead; masks: a ``masks.npz`` of an earlier run on the same images (and
@@ -306,7 +312,7 @@ def run_v2(
     seed: drives the base and recipe draws (two independent streams derived from it), the random
         initialisations and the sampling.
     """
-    from .features import build_model, check_model_name, resolve_device
+    from dqkernels.features.image import build_model, check_model_name, resolve_device
 
     _check_options(mix, bins, ratio, grid, cell_px, bg_prob, mask_model, mask_checkpoint, mask_epochs,
                    mask_px, batch_size, metric, allocation, seed)
@@ -358,7 +364,7 @@ def run_v2(
     log(f"features: {n_originals} originals + {n_tobias} Tobias images ({int(recipes.swapped.sum())} swapped), "
         f"{pool_features.shape[1]} dims, {model}")
 
-    from . import graphcut_bins, sample_bins
+    from dqkernels import graphcut_bins, sample_bins
 
     bin_result = graphcut_bins(pool_features, bins=bins, labels=pool_labels, metric=metric)
     subset = sample_bins(bin_result, ratio, seed=seed, allocation=allocation)
@@ -392,14 +398,14 @@ def run_v2(
         _save_npz(staging / "recipes.npz", base=recipes.base, partner=recipes.partner, key=recipes.key,
                   meta={"grid": grid, "cell_px": cell_px, "bg_prob": bg_prob, "seed": recipes_seed,
                         "pool_offset": n_originals})
-        pipeline.save_npy(staging / "pool_features.npy", pool_features)
+        save_npy(staging / "pool_features.npy", pool_features)
         if pool_labels is not None:
-            pipeline.save_npy(staging / "pool_labels.npy", pool_labels)
+            save_npy(staging / "pool_labels.npy", pool_labels)
         bin_result.save(staging / "bins.npz")
         subset.save(staging / "subset.npy")
         items = _export(source, recipes, object_masks, side, chosen, staging / "subset")
-        pipeline.write_lines(staging / "subset_items.jsonl", (json.dumps(item) for item in items))
-        pipeline.write_json(staging / "v2.json", summary)
+        write_lines(staging / "subset_items.jsonl", (json.dumps(item) for item in items))
+        write_json(staging / "v2.json", summary)
         if out_dir.exists():
             out_dir.rmdir()  # empty, as checked above
         os.replace(staging, out_dir)
@@ -498,66 +504,3 @@ def _export(source: _ImageSource, recipes: tobias.TobiasRecipes, masks: np.ndarr
 
 
 # --------------------------------------------------------------------------- the command
-
-
-@click.command("v2")
-@click.option("--images", "images_path", required=True, type=click.Path(exists=True, path_type=Path),
-              help="Image folder (one subfolder per class) or .npy/.npz image array (N,H,W[,C]; a .npz "
-                   "may hold 'labels').")
-@click.option("-o", "--out-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="New (missing or empty) directory for masks, recipes, features, bins, subset and "
-                   "the exported subset/.")
-@click.option("--mix", type=click.FloatRange(min=0), default=0.5, show_default=True,
-              help="Tobias images per original image (0.5: all originals + 50% as many Tobias images).")
-@click.option("--bins", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Number of bins (per class when the images have labels).")
-@click.option("--ratio", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
-              help="Fraction of the pool (originals + Tobias images) to keep, in (0, 1].")
-@click.option("--grid", type=click.IntRange(min=1), default=tobias.DEFAULT_GRID, show_default=True,
-              help="Cells per side of the Tobias grid; the top half of the cells are foreground.")
-@click.option("--cell-px", type=click.IntRange(min=1),
-              help="Side of one cell in pixels during the swap. Default: round(224 / grid).")
-@click.option("--bg-prob", type=click.FloatRange(0, 1), default=1.0, show_default=True,
-              help="Probability that a Tobias image gets a partner's background (else it copies its base).")
-@click.option("--mask-model", type=click.Choice(MASK_MODELS), default="random", show_default=True,
-              help="random: seeded random ResNet-50 (Tobias). early: that ResNet-50 trained "
-                   "--mask-epochs epochs on these images (needs labels).")
-@click.option("--mask-checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Local ResNet-50 weights for the masks, instead of --mask-model random.")
-@click.option("--mask-epochs", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Epochs of the early-trained mask model.")
-@click.option("--mask-px", type=click.IntRange(min=32), default=tobias.MASK_INPUT_PX, show_default=True,
-              help="Input side in pixels of the mask model.")
-@click.option("--masks", "masks_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="masks.npz of an earlier dqk v2 run on the same images: reuse its masks.")
-@click.option("--model", default="resnet18", show_default=True,
-              help="timm model for the binning features. Weights are never downloaded.")
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Local weights for --model. Default: random initialisation from --seed.")
-@click.option("--img-size", type=click.IntRange(min=8),
-              help="Feature model input side in pixels. Default: the model's.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Images per forward pass (masks, mask training and features).")
-@click.option("--device", help="cpu, cuda or cuda:N. Default: cuda when available.")
-@click.option("--metric", type=click.Choice(METRICS), default="cosine", show_default=True,
-              help="Binning distance.")
-@click.option("--allocation", type=click.Choice(ALLOCATIONS), default="exact", show_default=True,
-              help="Per-cell sample counts (see `dqk sample`).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Seed of the Tobias draws, the random initialisations and the sampling.")
-def v2_command(images_path, out_dir, mask_checkpoint, masks_path, mask_model, **options):
-    """DQ-V2: enlarge the data with Tobias background-swap images, then bin and sample.
-
-    Writes OUT_DIR/subset/ (the chosen originals and Tobias images, in the input's format) and
-    the masks, recipes, features, bins and subset ids behind it.
-    """
-    if mask_checkpoint is not None and mask_model == "early":
-        raise click.UsageError("--mask-checkpoint and --mask-model early exclude each other")
-    outcome = run_v2(images_path, out_dir, mask_model=mask_model, mask_checkpoint=mask_checkpoint,
-                     masks=masks_path, log=click.echo, **options)
-    pool, kept = outcome.summary["pool"], outcome.summary["subset"]
-    click.echo(
-        f"wrote {outcome.out_dir}: pool {pool['originals']} originals + {pool['tobias']} Tobias images; "
-        f"subset {kept['selected']} ({kept['originals']} originals, {kept['tobias']} Tobias) in "
-        f"{outcome.out_dir / 'subset'}"
-    )

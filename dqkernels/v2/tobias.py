@@ -82,7 +82,7 @@ def _float_batch(batch):
 
 def _model_inputs(batch, model, input_px: int, device):
     """(B, C, H, W) images → (B, 3, input_px, input_px) float32 normalised with the model's mean/std."""
-    from .features import _resize_normalize
+    from dqkernels.features.image import _resize_normalize
 
     config = getattr(model, "pretrained_cfg", None) or {}
     mean = config.get("mean", (0.485, 0.456, 0.406))
@@ -120,7 +120,7 @@ def train_mask_model(
     import torch
     from timm.optim import create_optimizer_v2
 
-    from .features import resolve_device
+    from dqkernels.features.image import resolve_device
 
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     count = _image_count(images)
@@ -208,7 +208,7 @@ def object_masks(
     """
     import torch
 
-    from .features import resolve_device
+    from dqkernels.features.image import resolve_device
 
     if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 1:
         raise ValueError(f"grid must be an integer >= 1, got {grid!r}")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_output
-from ._validate import as_choice, as_labels, as_ratio
+from dqkernels.core.atomic import atomic_output
+from dqkernels.core.validate import as_choice, as_labels, as_ratio
 
 ALLOCATIONS = ("exact", "official")
 

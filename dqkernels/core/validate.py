@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -98,3 +99,19 @@ def as_choice(value, choices, name: str) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
+
+
+def load_float_matrix(path: Path, what: str) -> np.ndarray:
+    """Memory-map a 2-D floating-point ``.npy`` (any byte order, C or Fortran layout)."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as error:
+        raise ValueError(f"{what} {str(path)!r} is not a readable .npy file ({error})") from None
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"{what} {str(path)!r} is an archive, expected one .npy array")
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(
+            f"{what} {str(path)!r} holds a {array.dtype} array of shape {array.shape}; "
+            "expected a 2-D float array (samples × dims)"
+        )
+    return array

@@ -6,7 +6,7 @@
     dqk run config.yaml                    # all of the above, resumable
     dqk info feats/bins.npz
 
-Every command is a thin wrapper over a function of :mod:`dqkernels.pipeline`. A bad input ends
+Every command is a thin wrapper over a function of :mod:`dqkernels.pipeline.stages`. A bad input ends
 the command with one ``Error: ...`` line on stderr and exit code 1 (2 for a malformed command
 line); no output file is left half-written.
 """
@@ -20,10 +20,11 @@ from typing import Optional
 
 import click
 
-from . import pipeline
-from .api import BACKENDS, METRICS
-from .features import FEATURE_MODES, GRAD_DELTAS
-from .sampling import ALLOCATIONS
+from dqkernels import pipeline
+from dqkernels.features.image import FEATURE_MODES, GRAD_DELTAS
+from dqkernels.formats.bins import bin_sizes_summary
+from dqkernels.graphcut.api import BACKENDS, METRICS
+from dqkernels.sampling.sample import ALLOCATIONS
 
 
 def _one_line(message: str) -> str:
@@ -188,7 +189,7 @@ def bin_command(features_path, bins, labels_path, no_labels, metric, lam, device
     if distributed:
         if backend != "auto":
             raise click.UsageError("--backend applies to single-process runs, not to --distributed")
-        from .distributed import make_bins_distributed
+        from dqkernels.pipeline.distributed_bins import make_bins_distributed
 
         outcome = make_bins_distributed(
             features_path, bins, out=out, labels=labels_path, use_labels=not no_labels, metric=metric,
@@ -205,7 +206,7 @@ def bin_command(features_path, bins, labels_path, no_labels, metric, lam, device
     click.echo(
         f"{outcome.path}: {result.order.shape[0]} samples in {bins} bins"
         f"{' per class' if result.labels is not None else ''} | backend {result.backend}, "
-        f"form {result.form} | {outcome.seconds:.2f} s | sizes {pipeline.bin_sizes_summary(result.bin_sizes)}"
+        f"form {result.form} | {outcome.seconds:.2f} s | sizes {bin_sizes_summary(result.bin_sizes)}"
     )
 
 
@@ -303,11 +304,13 @@ def info_command(path):
     click.echo(pipeline.describe(path))
 
 
-from .cli_v2 import v2_command  # noqa: E402
+from dqkernels.cli.v2 import v2_command  # noqa: E402
+
 cli.add_command(v2_command)
 
 
-from .cli_pixel import quantize_command, reconstruct_command  # noqa: E402
+from dqkernels.cli.pixel import quantize_command, reconstruct_command  # noqa: E402
+
 cli.add_command(quantize_command)
 cli.add_command(reconstruct_command)
 

@@ -3,7 +3,7 @@
 All problems (classes) advance together as one batch: Gram matrices (P, n, n) from one batched
 GEMM, then per greedy step one gathered Gram row per problem, a score update and an argmax, all
 on the device — the loop never waits on the host. The step itself is either torch ops
-(``step="torch"``) or the fused Triton kernels of ``dqkernels.kernels.graphcut_step``
+(``step="torch"``) or the fused Triton kernels of ``dqkernels.graphcut.kernels.graphcut_step``
 (``step="triton"``).
 """
 
@@ -64,7 +64,7 @@ def graphcut_bins_torch(x, embed, offsets, bin_sizes, lam, device, step="torch")
     written = torch.zeros(n_problems, dtype=torch.int64, device=device)
     problem_ids = torch.arange(n_problems, device=device)
     if step == "triton":
-        from .kernels.graphcut_step import GraphcutStepTriton
+        from dqkernels.graphcut.kernels.graphcut_step import GraphcutStepTriton
 
         fused = GraphcutStepTriton(n_problems, n_max, device)
 

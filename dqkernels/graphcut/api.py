@@ -11,10 +11,9 @@ from typing import Optional
 
 import numpy as np
 
-from . import reference
-from ._io import atomic_output
-from .checksum import features_checksum
-from ._validate import (
+from dqkernels.core.atomic import atomic_output
+from dqkernels.core.checksum import features_checksum
+from dqkernels.core.validate import (
     GradEmbedding,
     as_choice,
     as_float_matrix,
@@ -22,7 +21,8 @@ from ._validate import (
     as_positive_int,
     source_dtype_name,
 )
-from .sizes import bin_sizes_per_problem
+from dqkernels.graphcut import reference
+from dqkernels.graphcut.sizes import bin_sizes_per_problem
 
 METRICS = ("cosine", "euclidean")
 BACKENDS = ("auto", "cpu", "torch", "triton", "reference")
@@ -35,7 +35,7 @@ _MIN_DIMS_FOR_GRAM = 128
 
 
 def _version() -> str:
-    from . import __version__
+    from dqkernels import __version__
 
     return __version__
 
@@ -286,7 +286,7 @@ def graphcut_bins(
         local_order = _run_reference(x, embed_work, offsets, bin_sizes, lam)
         used_backend, used_form = "reference", "reference"
     elif backend in ("torch", "triton") or (backend == "auto" and device != "cpu"):
-        from .torch_engine import graphcut_bins_torch
+        from dqkernels.graphcut.torch_engine import graphcut_bins_torch
 
         used_backend = "triton" if backend == "triton" else "torch"
         local_order = graphcut_bins_torch(
@@ -296,7 +296,7 @@ def graphcut_bins(
     else:
         use_gram = _choose_forms(np.diff(offsets), sum(dims), dtype, form, memory_budget, threads)
         try:
-            from . import _C
+            from dqkernels import _C
         except ImportError as exc:
             raise ValueError(
                 f"backend={backend!r}: the C++ engine is not built ({exc}); reinstall with "

@@ -36,7 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from .patch_store import PatchBatch, PatchGeometry, PatchStore, check_empty_destination, patchify, unpatchify
+from dqkernels.pixel.patch_store import (
+    PatchBatch,
+    PatchGeometry,
+    PatchStore,
+    check_empty_destination,
+    patchify,
+    unpatchify,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -271,7 +278,7 @@ def load_mae(checkpoint: str | os.PathLike, arch: Union[MAEConfig, str] = "large
         refused.
     device: "cpu", "cuda" or "cuda:N"; default CUDA when available.
     """
-    from .features import _load_state_dict_strictly, resolve_device
+    from dqkernels.features.image import _load_state_dict_strictly, resolve_device
 
     config = resolve_config(arch)
     path = str(checkpoint)

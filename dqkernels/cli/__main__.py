@@ -1,0 +1,5 @@
+"""``python -m dqkernels.cli`` (e.g. under torchrun) runs ``dqk``."""
+
+from dqkernels.cli.main import main
+
+main()

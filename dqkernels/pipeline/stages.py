@@ -1,0 +1,316 @@
+"""The DQ pipeline as files: features → bins → subset → export, each stage resumable.
+
+Files written here:
+
+* a **feature set** directory: ``feats.npy`` (N, D) float32 — or ``delta.npy`` (N, C) and
+  ``embed.npy`` (N, D) in gradient mode — plus ``labels.npy`` (N,) int64 when labels are known,
+  ``items.jsonl`` (image folders: the relative path of each row's image, one JSON string per
+  line) and the sidecar ``features.json`` describing all of them;
+* a bins ``.npz`` (``BinResult.save``), whose metadata names the feature set it was built from;
+* a subset ``.npy`` of sorted row ids with its ``.json`` manifest (``SubsetResult.save``), which
+  names the bins file and the feature set;
+* an export directory holding the chosen samples in the input's own format.
+
+Every file is written to a temporary name in its own directory and moved into place with
+``os.replace``, so a failed run leaves no half-written output. Each stage records a fingerprint of
+its inputs and options (``stage_fingerprint``); :func:`run_pipeline` reuses a stage whose
+recorded fingerprint matches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from dqkernels.core.atomic import save_npy, write_json, write_lines
+from dqkernels.core.fingerprint import (
+    fingerprint_arrays,
+    fingerprint_file,
+    fingerprint_file_listing,
+)
+from dqkernels.formats.bins import load_bins_file
+from dqkernels.formats.feature_set import (
+    DELTA_FILE,
+    EMBED_FILE,
+    FEATURES_FILE,
+    FEATURES_FORMAT,
+    ITEMS_FILE,
+    LABELS_FILE,
+    SIDECAR_NAME,
+    open_feature_set,
+)
+from dqkernels.formats.inputs import input_kind
+
+
+@dataclass
+class _ExtractedFeatures:
+    """Arrays and descriptions produced by one feature-extraction pass, before writing.
+
+    arrays: {"features": (N, D)} or {"delta": (N, C), "embed": (N, D)}, float32.
+    labels: (N,) int64 or None. items: image-folder path of each row, or None.
+    skipped: relative paths of unreadable images. source / model: sidecar sections.
+    """
+
+    arrays: dict
+    labels: Optional[np.ndarray]
+    items: Optional[list]
+    skipped: list
+    source: dict
+    model: dict
+
+
+def extract_features(
+    input_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    model: str = "resnet18",
+    checkpoint: Optional[str | os.PathLike] = None,
+    mode: str = "pooled",
+    grad_delta: str = "standard",
+    text_model: Optional[str | os.PathLike] = None,
+    num_classes: Optional[int] = None,
+    img_size: Optional[int] = None,
+    batch_size: int = 64,
+    device: Optional[str] = None,
+    workers: int = 0,
+    strict: bool = False,
+    seed: int = 0,
+    progress: bool = False,
+    stage_fingerprint: Optional[str] = None,
+) -> dict:
+    """Extract features of ``input_path`` into the feature-set directory ``out_dir``.
+
+    Image inputs (a folder or an array file) run through the timm ``model`` (random init from
+    ``seed`` unless ``checkpoint``); instruction data (.json/.jsonl) through the local
+    sentence-embedding model ``text_model``. Nothing is written unless extraction succeeds.
+    Returns the sidecar document that was written.
+    """
+    input_path = Path(input_path).resolve()
+    kind = input_kind(input_path)
+    if kind == "text":
+        if mode != "pooled":
+            raise ValueError("gradient mode needs labelled images; instruction data supports mode 'pooled'")
+        extracted = _text_features(input_path, text_model, batch_size, device, progress)
+    else:
+        extracted = _image_features(
+            input_path, kind, model=model, checkpoint=checkpoint, mode=mode, grad_delta=grad_delta,
+            num_classes=num_classes, img_size=img_size, batch_size=batch_size, device=device,
+            workers=workers, strict=strict, seed=seed, progress=progress,
+        )
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    file_names = {"features": FEATURES_FILE, "delta": DELTA_FILE, "embed": EMBED_FILE}
+    files = {}
+    for name, values in extracted.arrays.items():
+        save_npy(out_dir / file_names[name], values)
+        files[name] = file_names[name]
+    if extracted.labels is not None:
+        save_npy(out_dir / LABELS_FILE, extracted.labels)
+        files["labels"] = LABELS_FILE
+    if extracted.items is not None:
+        write_lines(out_dir / ITEMS_FILE, (json.dumps(item) for item in extracted.items))
+        files["items"] = ITEMS_FILE
+    first = next(iter(extracted.arrays.values()))
+    sidecar = {
+        "format": FEATURES_FORMAT,
+        "mode": mode,
+        **extracted.model,
+        "count": int(first.shape[0]),
+        "dims": {name: int(values.shape[1]) for name, values in extracted.arrays.items()},
+        "dtype": str(first.dtype),
+        "files": files,
+        "source": extracted.source,
+        "skipped": {"count": len(extracted.skipped), "items": extracted.skipped},
+        "stage_fingerprint": stage_fingerprint,
+    }
+    write_json(out_dir / SIDECAR_NAME, sidecar)  # last: a sidecar means the set is complete
+    return sidecar
+
+
+def _text_features(input_path: Path, text_model, batch_size: int, device, progress: bool) -> _ExtractedFeatures:
+    """Sentence embeddings of every instruction record, in file order."""
+    from dqkernels.features.text import (
+        embed_texts,
+        read_instruction_records,
+        record_text,
+    )
+
+    if text_model is None:
+        raise ValueError("instruction data needs a local sentence-embedding model (--text-model)")
+    instructions = read_instruction_records(input_path)
+    embeddings = embed_texts(
+        [record_text(record) for record in instructions.records],
+        text_model,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    )
+    source = {
+        "path": str(input_path),
+        "kind": "text",
+        "format": instructions.file_format,
+        "count": len(instructions.records),
+        "fingerprint": fingerprint_file(input_path),
+    }
+    model = {"model": "sentence-transformers", "checkpoint": str(Path(text_model).resolve())}
+    return _ExtractedFeatures({"features": embeddings}, None, None, [], source, model)
+
+
+def _image_features(input_path: Path, kind: str, *, model: str, checkpoint, num_classes, seed: int,
+                    workers: int, **extraction_options) -> _ExtractedFeatures:
+    """timm features of an image folder or image array (see ``extract_image_features``)."""
+    from dqkernels.features.image import (
+        build_model,
+        extract_image_features,
+        list_image_folder,
+        load_image_array,
+    )
+
+    source = {"path": str(input_path), "kind": kind}
+    if kind == "image-folder":
+        listing = list_image_folder(input_path)
+        all_labels = listing.labels
+        source.update(
+            format="folder",
+            count=len(listing.relative_paths),
+            classes=listing.class_names,
+            fingerprint=fingerprint_file_listing(input_path, listing.relative_paths),
+        )
+        image_inputs = {"image_paths": [str(input_path / p) for p in listing.relative_paths]}
+        data_classes = len(listing.class_names)
+    else:
+        images, all_labels = load_image_array(input_path)
+        source.update(
+            format=input_path.suffix[1:],
+            count=int(images.shape[0]),
+            fingerprint=fingerprint_arrays(images, all_labels),
+        )
+        image_inputs = {"images": images}
+        data_classes = int(all_labels.max()) + 1 if all_labels is not None else None
+    if num_classes is None and checkpoint is None:
+        num_classes = data_classes
+    network = build_model(model, checkpoint=checkpoint, num_classes=num_classes, seed=seed)
+    extracted = extract_image_features(
+        network, labels=all_labels, num_workers=workers, **image_inputs, **extraction_options
+    )
+    mode = extraction_options["mode"]
+    arrays = {"features": extracted.pooled} if mode == "pooled" else {
+        "delta": extracted.delta, "embed": extracted.embed
+    }
+    model_meta = {
+        "model": model,
+        "checkpoint": str(Path(checkpoint).resolve()) if checkpoint is not None else "random-init",
+        "checkpoint_sha256": fingerprint_file(checkpoint) if checkpoint is not None else None,
+        "seed": None if checkpoint is not None else seed,
+        "num_classes": int(network.num_classes),
+        "img_size": int(extraction_options["img_size"] or network.pretrained_cfg["input_size"][-1]),
+    }
+    if mode == "gradient":
+        model_meta["grad_delta"] = extraction_options["grad_delta"]
+    return _ExtractedFeatures(
+        arrays=arrays,
+        labels=all_labels[extracted.kept_rows] if all_labels is not None else None,
+        items=[listing.relative_paths[row] for row in extracted.kept_rows] if kind == "image-folder" else None,
+        skipped=[listing.relative_paths[row] for row, _ in extracted.skipped] if kind == "image-folder" else [],
+        source=source,
+        model=model_meta,
+    )
+
+# --------------------------------------------------------------------------- bins stage
+
+
+@dataclass
+class BinsOutcome:
+    """A saved bin generation: the BinResult, where it was written and how long binning took."""
+
+    result: object
+    path: Path
+    seconds: float
+
+
+def make_bins(
+    features: str | os.PathLike,
+    bins: int = 10,
+    *,
+    out: Optional[str | os.PathLike] = None,
+    labels: Optional[str | os.PathLike] = None,
+    use_labels: bool = True,
+    metric: str = "cosine",
+    lam: float = 1.0,
+    device: Optional[str] = None,
+    backend: str = "auto",
+    sizes: str = "split",
+    stage_fingerprint: Optional[str] = None,
+) -> BinsOutcome:
+    """Run ``dqkernels.graphcut_bins`` on a feature set and save the result.
+
+    out: the ``.npz`` to write; default ``bins.npz`` beside the features (inside a feature-set
+    directory). The saved metadata also names the features (``features_path``) and their
+    sidecar (``features_sidecar``, None for bare features), which ``dqk sample --export`` follows.
+    """
+    from dqkernels import graphcut_bins
+
+    feature_set = open_feature_set(features, labels=labels, use_labels=use_labels)
+    if out is None:
+        base = feature_set.path if feature_set.path.is_dir() else feature_set.path.parent
+        out = base / "bins.npz"
+    started = time.perf_counter()
+    result = graphcut_bins(
+        feature_set.features,
+        bins=bins,
+        labels=feature_set.labels,
+        metric=metric,
+        lam=lam,
+        device=device,
+        backend=backend,
+        sizes=sizes,
+    )
+    seconds = time.perf_counter() - started
+    result.meta["features_path"] = str(feature_set.path.resolve())
+    result.meta["features_sidecar"] = (
+        str(feature_set.sidecar_path.resolve()) if feature_set.sidecar_path is not None else None
+    )
+    result.meta["stage_fingerprint"] = stage_fingerprint
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    result.save(out)
+    return BinsOutcome(result, Path(out), seconds)
+
+
+def draw_subset(
+    bins: str | os.PathLike,
+    ratio: float,
+    *,
+    seed: int = 0,
+    allocation: str = "exact",
+    stage_fingerprint: Optional[str] = None,
+):
+    """Run ``dqkernels.sample_bins`` on a saved bins file and return the SubsetResult (unsaved).
+
+    Its manifest also names the bins file and the feature set the bins were made from
+    (``features_sidecar``, None for bare features).
+    """
+    from dqkernels import sample_bins
+
+    bins_path = Path(bins)
+    result = load_bins_file(bins_path)
+    subset = sample_bins(result, ratio, seed=seed, labels=result.labels, allocation=allocation)
+    subset.manifest["bins_file"] = str(bins_path.resolve())
+    subset.manifest["features_sidecar"] = result.meta.get("features_sidecar")
+    subset.manifest["stage_fingerprint"] = stage_fingerprint
+    return subset
+
+
+def save_subset(subset, bins: str | os.PathLike, out: Optional[str | os.PathLike] = None) -> Path:
+    """Save ``subset`` to ``out`` (.npy + .json manifest); default ``subset.npy`` beside ``bins``."""
+    out = Path(out) if out is not None else Path(bins).parent / "subset.npy"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subset.save(out)
+    return out
+
