@@ -45,6 +45,6 @@ class CMakeBuild(build_ext):
 
 setup(
     packages=find_packages(include=["dqkernels", "dqkernels.*"]),
-    ext_modules=[CMakeExtension("dqkernels._C")],
+    ext_modules=[CMakeExtension("dqkernels.graphcut._C")],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -16,6 +16,7 @@ from typing import Iterator, Union
 import numpy as np
 from torch.utils.data import Dataset, Sampler
 
+from dqkernels.core.errors import InputError
 from dqkernels.formats.subset import load_subset_indices
 
 SubsetSource = Union[str, os.PathLike, np.ndarray]
@@ -27,10 +28,10 @@ def _subset_indices(subset: SubsetSource) -> np.ndarray:
         return load_subset_indices(subset)
     indices = np.asarray(subset)
     if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
-        raise ValueError("subset ids must be a 1-D integer array")
+        raise InputError("subset ids must be a 1-D integer array")
     indices = np.sort(indices.astype(np.int64))
     if indices.size and (indices[0] < 0 or np.any(indices[1:] == indices[:-1])):
-        raise ValueError("subset ids must be unique and non-negative")
+        raise InputError("subset ids must be unique and non-negative")
     return indices
 
 
@@ -46,7 +47,7 @@ class DQSubset(Dataset):
         self.dataset = dataset
         self.indices = _subset_indices(subset_file)
         if self.indices.size and self.indices[-1] >= len(dataset):
-            raise ValueError(
+            raise InputError(
                 f"subset id {int(self.indices[-1])} is out of range for a dataset of {len(dataset)} "
                 "samples; was the subset made for another dataset?"
             )

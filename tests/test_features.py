@@ -1,5 +1,5 @@
 """Feature extraction: image listing and arrays, timm models and checkpoints, gradient embeddings
-(SPEC §1) against explicit autograd gradients, and instruction-data text features (SPEC §6)."""
+(docs/method.md §1) against explicit autograd gradients, and instruction-data text features (docs/method.md §6)."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""The C++ CPU engine against the float64 reference and the replay criterion (SPEC §2)."""
+"""The C++ CPU engine against the float64 reference and the replay criterion (docs/method.md §2)."""
 
 from types import SimpleNamespace
 
@@ -174,7 +174,7 @@ def test_fortran_order_and_threads(rng):
 
 
 def test_gram_kernel_matches_numpy(rng):
-    from dqkernels import _C
+    from dqkernels.graphcut import _C
 
     for n, d in [(1, 1), (13, 3), (77, 64), (300, 129)]:
         x = rng.standard_normal((n, d))
@@ -195,7 +195,7 @@ def test_float32_input_in_float64_precision_is_exact(rng):
 
 @pytest.mark.parametrize("lam", [0.5, 1.0, 1.7])
 def test_official_rule_gives_the_same_bins(rng, lam):
-    """SPEC §1: the official GraphCut (s = ½ + ½·cos, naive greedy) is the same argmax."""
+    """docs/method.md §1: the official GraphCut (s = ½ + ½·cos, naive greedy) is the same argmax."""
     from dqkernels.graphcut.reference import official_graphcut_bins
     from dqkernels.graphcut.sizes import split_sizes
 

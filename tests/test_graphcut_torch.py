@@ -1,4 +1,4 @@
-"""The torch engine and the Triton fused step against the reference (SPEC §2).
+"""The torch engine and the Triton fused step against the reference (docs/method.md §2).
 
 On a machine without a GPU the torch engine runs on CPU tensors and the Triton kernels run
 through the Triton interpreter (set by conftest), on small shapes.

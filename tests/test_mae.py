@@ -1,4 +1,4 @@
-"""MAE reconstruction (SPEC §4): the official key layout and position embeddings, strict loading,
+"""MAE reconstruction (docs/method.md §4): the official key layout and position embeddings, strict loading,
 kept patches returned bit-identical, the official forward reproduced with K varying in a batch,
 other image sizes, the on-the-fly Dataset and the ImageFolder writer. A tiny config keeps it fast."""
 

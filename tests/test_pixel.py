@@ -1,4 +1,4 @@
-"""GradCAM++ patch scoring (SPEC §4): batched scores against a per-image reference written from the
+"""GradCAM++ patch scoring (docs/method.md §4): batched scores against a per-image reference written from the
 formula, one forward and one autograd.grad per batch, stable tie-breaking and the drop rule."""
 
 import functools
@@ -52,7 +52,7 @@ def bilinear_matrix(size_in, size_out):
 
 
 def reference_cam(image, model, layer_name, class_index=None):
-    """GradCAM++ map (h, w) float64 of one image, written straight from SPEC §4, one channel at a time."""
+    """GradCAM++ map (h, w) float64 of one image, written straight from docs/method.md §4, one channel at a time."""
     captured = {}
     layer = dict(model.named_modules())[layer_name]
     handle = layer.register_forward_hook(lambda module, inputs, output: captured.update(A=output))

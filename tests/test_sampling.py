@@ -1,4 +1,4 @@
-"""Bin sampling (SPEC §3) and the saved result formats."""
+"""Bin sampling (docs/method.md §3) and the saved result formats."""
 
 import json
 

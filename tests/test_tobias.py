@@ -1,4 +1,4 @@
-"""Tobias background swap (SPEC §5): masks, recipes, the batched swap against a per-image reference."""
+"""Tobias background swap (docs/method.md §5): masks, recipes, the batched swap against a per-image reference."""
 
 import numpy as np
 import pytest
@@ -82,7 +82,7 @@ def test_object_masks_are_the_top_half_of_tobias_cell_scores(photos):
     images, masks = photos
     assert masks.shape == (5, 4, 4) and masks.dtype == bool
     assert (masks.reshape(5, -1).sum(axis=1) == 8).all()
-    # SPEC: children up to the last stage, max-pool 2x2 stride 2 padding 1, channel sum, top half.
+    # docs/method.md §5: children up to the last stage, max-pool 2x2 stride 2 padding 1, channel sum, top half.
     model = tobias.random_mask_model(seed=0)
     trunk = torch.nn.Sequential(*list(model.children())[:-2])
     inputs = F.interpolate(images.float() / 255, size=(224, 224), mode="bilinear", antialias=True)

@@ -9,7 +9,7 @@ GraphCut bins, the ratio of every (bin, class) cell drawn at random), a GraphCut
 greedy GraphCut selection of each class's whole budget) and stratified uniform random — and the
 same small CNN is trained from scratch on each and scored on the test split. A fourth subset,
 DQ-V2, has the same total size and is drawn the same way from a larger pool: the train split
-plus half as many Tobias background-swap images of it (SPEC §5, built once). DQ here never
+plus half as many Tobias background-swap images of it (docs/method.md §5, built once). DQ here never
 reconstructs patches, so "DQ" is DQ without MAE. The seed drives the sampling, the CNN's
 initial weights and its mini-batch order; runs are deterministic given it. Writes every raw
 number to ``--out`` (JSON) and prints a markdown table.

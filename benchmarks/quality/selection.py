@@ -1,9 +1,9 @@
 """The subset selectors compared by the quality benchmark, and the subsets' diversity.
 
 Every selector but DQ-V2 returns sorted (K,) int64 ids into the train split. DQ fixes the
-per-class counts (SPEC §3 `exact` allocation over its (bin, class) cells); the GraphCut coreset
+per-class counts (docs/method.md §3 `exact` allocation over its (bin, class) cells); the GraphCut coreset
 and the random baseline take exactly those per-class counts, so the three differ only in *which*
-samples of each class they keep. DQ-V2 (SPEC §5) selects from a larger pool — the train split
+samples of each class they keep. DQ-V2 (docs/method.md §5) selects from a larger pool — the train split
 followed by Tobias images of it — and returns ids into that pool; it takes the same total
 number of samples as DQ, spread over its own (bin, class) cells.
 """

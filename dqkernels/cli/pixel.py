@@ -1,4 +1,4 @@
-"""``dqk quantize`` and ``dqk reconstruct``: pixel quantization from the command line (SPEC §4).
+"""``dqk quantize`` and ``dqk reconstruct``: pixel quantization from the command line (docs/method.md §4).
 
     dqk quantize --images data/train --subset subset.npy --drop 0.25 -o patches/
     dqk reconstruct patches/ --mae mae_visualize_vit_large.pth -o images/

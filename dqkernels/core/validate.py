@@ -8,9 +8,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from dqkernels.core.errors import InputError, InputTypeError
+
 
 class GradEmbedding(NamedTuple):
-    """Factorised gradient-embedding features (SPEC §1): g_i = [δ_i, δ_i ⊗ e_i].
+    """Factorised gradient-embedding features (docs/method.md §1): g_i = [δ_i, δ_i ⊗ e_i].
 
     delta: (M, C) float, δ_i = softmax(z_i) − onehot(y_i) (or the official δ).
     embed: (M, D) float, e_i = the penultimate embedding.
@@ -40,27 +42,27 @@ def as_float_matrix(value, name: str) -> np.ndarray:
 
         tensor = value.detach()
         if not torch.is_floating_point(tensor):
-            raise TypeError(f"{name} must be a floating tensor, got {tensor.dtype}")
+            raise InputTypeError(f"{name} must be a floating tensor, got {tensor.dtype}")
         if tensor.dtype in (torch.float16, torch.bfloat16):
             tensor = tensor.float()
         value = tensor.cpu().numpy()
     array = np.asarray(value)
     if array.dtype.kind != "f":
-        raise TypeError(f"{name} must hold floating-point numbers, got dtype {array.dtype}")
+        raise InputTypeError(f"{name} must hold floating-point numbers, got dtype {array.dtype}")
     if array.dtype == np.float16:
         array = array.astype(np.float32)
     elif array.dtype not in (np.float32, np.float64):
         array = array.astype(np.float64)
     if array.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (samples, dims) array, got shape {array.shape}")
+        raise InputError(f"{name} must be a 2-D (samples, dims) array, got shape {array.shape}")
     if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {array.shape})")
+        raise InputError(f"{name} is empty (shape {array.shape})")
     chunk = max(1, (1 << 24) // array.shape[1])  # bounded temporaries for memory-mapped input
     for lo in range(0, array.shape[0], chunk):
         finite = np.isfinite(array[lo : lo + chunk]).all(axis=1)
         if not finite.all():
             row = lo + int(np.flatnonzero(~finite)[0])
-            raise ValueError(f"{name} contains NaN or inf (first at row {row})")
+            raise InputError(f"{name} contains NaN or inf (first at row {row})")
     return array
 
 
@@ -70,34 +72,34 @@ def as_labels(labels, n_samples: int, name: str = "labels") -> np.ndarray:
         labels = labels.detach().cpu().numpy()
     array = np.asarray(labels)
     if array.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be integers, got dtype {array.dtype}")
+        raise InputTypeError(f"{name} must be integers, got dtype {array.dtype}")
     if array.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+        raise InputError(f"{name} must be 1-D, got shape {array.shape}")
     if len(array) != n_samples:
-        raise ValueError(f"{name} has {len(array)} entries but there are {n_samples} samples")
+        raise InputError(f"{name} has {len(array)} entries but there are {n_samples} samples")
     return array.astype(np.int64, copy=False)
 
 
 def as_positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
+        raise InputTypeError(f"{name} must be an integer, got {value!r}")
     if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+        raise InputError(f"{name} must be >= 1, got {value}")
     return int(value)
 
 
 def as_ratio(value, name: str = "ratio") -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number in (0, 1], got {value!r}")
+        raise InputTypeError(f"{name} must be a number in (0, 1], got {value!r}")
     value = float(value)
     if not (0.0 < value <= 1.0):
-        raise ValueError(f"{name} must be in (0, 1], got {value}")
+        raise InputError(f"{name} must be in (0, 1], got {value}")
     return value
 
 
 def as_choice(value, choices, name: str) -> str:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        raise InputError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
 
 
@@ -106,11 +108,11 @@ def load_float_matrix(path: Path, what: str) -> np.ndarray:
     try:
         array = np.load(path, mmap_mode="r")
     except (OSError, ValueError, EOFError) as error:
-        raise ValueError(f"{what} {str(path)!r} is not a readable .npy file ({error})") from None
+        raise InputError(f"{what} {str(path)!r} is not a readable .npy file ({error})") from None
     if not isinstance(array, np.ndarray):
-        raise ValueError(f"{what} {str(path)!r} is an archive, expected one .npy array")
+        raise InputError(f"{what} {str(path)!r} is an archive, expected one .npy array")
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
-        raise ValueError(
+        raise InputError(
             f"{what} {str(path)!r} holds a {array.dtype} array of shape {array.shape}; "
             "expected a 2-D float array (samples × dims)"
         )

@@ -1,4 +1,4 @@
-"""Image features from timm models: pooled penultimate features or SPEC §1 gradient embeddings.
+"""Image features from timm models: pooled penultimate features or docs/method.md §1 gradient embeddings.
 
 Two kinds of image input are read here:
 
@@ -12,7 +12,7 @@ Models are always built with ``pretrained=False``: weights come from a local che
 strictly, or the model stays randomly initialised (seeded). Nothing is downloaded.
 
 Images are resized straight to ``img_size × img_size`` (bilinear) and normalised with the
-model's mean/std. Gradient mode (SPEC §1) stores, per sample, δ = ∂CE/∂z for the logits
+model's mean/std. Gradient mode (docs/method.md §1) stores, per sample, δ = ∂CE/∂z for the logits
 z = W·e + b of the model's final linear layer (C values) and the embedding e that layer reads
 (D values) — never the C·D-dimensional gradient itself.
 """
@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
+
+from dqkernels.core.errors import InputError, InputTypeError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 FEATURE_MODES = ("pooled", "gradient")
@@ -76,7 +78,7 @@ def list_image_folder(root: str | os.PathLike) -> ImageFolderListing:
     """
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"image folder {str(root)!r} is not a directory")
+        raise InputError(f"image folder {str(root)!r} is not a directory")
     class_dirs = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     relative_paths: list[str] = []
     labels: list[int] = []
@@ -95,7 +97,7 @@ def list_image_folder(root: str | os.PathLike) -> ImageFolderListing:
             labels.extend([len(class_names)] * len(class_files))
             class_names.append(class_name)
     if not relative_paths:
-        raise ValueError(
+        raise InputError(
             f"image folder {str(root)!r} holds no images (expected class subfolders with "
             f"{', '.join(IMAGE_EXTENSIONS)} files)"
         )
@@ -118,7 +120,7 @@ def load_image_array(path: str | os.PathLike) -> tuple[np.ndarray, Optional[np.n
                 if image_key is None:
                     candidates = [name for name in names if name != "labels"]
                     if len(candidates) != 1:
-                        raise ValueError(
+                        raise InputError(
                             f"{str(path)!r} has arrays {names}; name the images array 'images'"
                         )
                     image_key = candidates[0]
@@ -128,16 +130,16 @@ def load_image_array(path: str | os.PathLike) -> tuple[np.ndarray, Optional[np.n
             images = np.load(path, mmap_mode="r")
             labels = None
     except (OSError, EOFError, zipfile.BadZipFile) as error:
-        raise ValueError(f"cannot read images from {str(path)!r}: {error}") from error
+        raise InputError(f"cannot read images from {str(path)!r}: {error}") from error
     validate_image_array(images, str(path))
     if labels is not None:
         labels = np.asarray(labels)
         if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-            raise ValueError(
+            raise InputError(
                 f"labels in {str(path)!r} have shape {labels.shape}, expected ({images.shape[0]},)"
             )
         if not np.issubdtype(labels.dtype, np.integer) or (labels.size and labels.min() < 0):
-            raise ValueError(f"labels in {str(path)!r} must be non-negative integers")
+            raise InputError(f"labels in {str(path)!r} must be non-negative integers")
         labels = labels.astype(np.int64)
     return images, labels
 
@@ -145,14 +147,14 @@ def load_image_array(path: str | os.PathLike) -> tuple[np.ndarray, Optional[np.n
 def validate_image_array(images: np.ndarray, name: str) -> None:
     """Raise ValueError unless ``images`` is (N, H, W) or (N, H, W, C∈{1,3}) uint8/float, N ≥ 1."""
     if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
-        raise ValueError(
+        raise InputError(
             f"images in {name!r} have shape {images.shape}; expected (N, H, W) or (N, H, W, C) "
             "with C = 1 or 3"
         )
     if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
-        raise ValueError(f"images in {name!r} have dtype {images.dtype}; expected uint8 or float")
+        raise InputError(f"images in {name!r} have dtype {images.dtype}; expected uint8 or float")
     if images.shape[0] == 0:
-        raise ValueError(f"images in {name!r} are empty (N = 0)")
+        raise InputError(f"images in {name!r} are empty (N = 0)")
 
 
 def check_model_name(model_name: str) -> None:
@@ -162,7 +164,7 @@ def check_model_name(model_name: str) -> None:
     if not timm.is_model(model_name.split(".")[0]):
         close = difflib.get_close_matches(model_name, timm.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown timm model {model_name!r}{hint}")
+        raise InputError(f"unknown timm model {model_name!r}{hint}")
 
 
 def build_model(
@@ -202,14 +204,14 @@ def _read_checkpoint(checkpoint: str | os.PathLike) -> dict:
 
     path = str(checkpoint)
     if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r} does not exist")
+        raise InputError(f"checkpoint {path!r} does not exist")
     try:
         state_dict = load_state_dict(path, use_ema=False, weights_only=True)
     except Exception as error:  # a corrupt file can fail anywhere inside the unpickler
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"cannot read checkpoint {path!r}: {first_line}") from error
+        raise InputError(f"cannot read checkpoint {path!r}: {first_line}") from error
     if not isinstance(state_dict, dict) or not state_dict:
-        raise ValueError(f"checkpoint {path!r} holds no state dict")
+        raise InputError(f"checkpoint {path!r} holds no state dict")
     return state_dict
 
 
@@ -243,7 +245,7 @@ def _load_state_dict_strictly(model, state_dict: dict, model_name: str, checkpoi
     if mismatched:
         problems.append(f"shape mismatch for {_first_few(mismatched)}")
     if problems:
-        raise ValueError(f"checkpoint {checkpoint!r} does not fit {model_name}: {'; '.join(problems)}")
+        raise InputError(f"checkpoint {checkpoint!r} does not fit {model_name}: {'; '.join(problems)}")
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -263,9 +265,9 @@ def resolve_device(device=None):
     try:
         resolved = torch.device(device)
     except RuntimeError as error:
-        raise ValueError(f"device {device!r} is not a torch device ({error})") from None
+        raise InputError(f"device {device!r} is not a torch device ({error})") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+        raise InputError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
     return resolved
 
 
@@ -287,7 +289,7 @@ def gradient_delta(logits, labels, kind: str = "standard"):
     if kind == "official":
         upstream = torch.softmax(probs, dim=1) - onehot
         return probs * upstream - probs * (probs * upstream).sum(dim=1, keepdim=True)
-    raise ValueError(f"grad_delta must be one of {GRAD_DELTAS}, got {kind!r}")
+    raise InputError(f"grad_delta must be one of {GRAD_DELTAS}, got {kind!r}")
 
 
 def _resize_normalize(batch, img_size: int, mean, std):
@@ -400,26 +402,26 @@ def extract_image_features(
     from tqdm.auto import tqdm
 
     if mode not in FEATURE_MODES:
-        raise ValueError(f"mode must be one of {FEATURE_MODES}, got {mode!r}")
+        raise InputError(f"mode must be one of {FEATURE_MODES}, got {mode!r}")
     if grad_delta not in GRAD_DELTAS:
-        raise ValueError(f"grad_delta must be one of {GRAD_DELTAS}, got {grad_delta!r}")
+        raise InputError(f"grad_delta must be one of {GRAD_DELTAS}, got {grad_delta!r}")
     if (image_paths is None) == (images is None):
-        raise TypeError("give exactly one of image_paths and images")
+        raise InputTypeError("give exactly one of image_paths and images")
     total = len(image_paths) if image_paths is not None else images.shape[0]
     label_tensor = None
     if mode == "gradient":
         classifier = model.get_classifier()
         if not isinstance(classifier, torch.nn.Linear):
-            raise ValueError(
+            raise InputError(
                 "gradient mode needs a model whose classifier is a single Linear layer with "
                 f"num_classes > 0; this model's classifier is {type(classifier).__name__}"
             )
         if labels is None:
-            raise ValueError("gradient mode needs labels (an image folder or a .npz with 'labels')")
+            raise InputError("gradient mode needs labels (an image folder or a .npz with 'labels')")
         if labels.shape != (total,):
-            raise ValueError(f"labels have shape {labels.shape}, expected ({total},)")
+            raise InputError(f"labels have shape {labels.shape}, expected ({total},)")
         if labels.size and int(labels.max()) >= classifier.out_features:
-            raise ValueError(
+            raise InputError(
                 f"label {int(labels.max())} does not fit a classifier with "
                 f"{classifier.out_features} classes"
             )
@@ -451,7 +453,7 @@ def extract_image_features(
             if failures and strict:
                 row, reason = failures[0]
                 name = image_paths[row] if image_paths is not None else f"#{row}"
-                raise ValueError(f"cannot read image {name!r}: {reason}")
+                raise InputError(f"cannot read image {name!r}: {reason}")
             skipped.extend(failures)
             bar.update(len(rows) + len(failures))
             if pixels is None:
@@ -478,7 +480,7 @@ def extract_image_features(
             kept_rows[kept : kept + len(rows)] = rows.numpy()
             kept += len(rows)
     if kept == 0:
-        raise ValueError(f"none of the {total} images could be read (first: {skipped[0][1]})")
+        raise InputError(f"none of the {total} images could be read (first: {skipped[0][1]})")
     return ImageFeatures(
         pooled=outputs["pooled"][:kept] if "pooled" in outputs else None,
         delta=outputs["delta"][:kept] if "delta" in outputs else None,

@@ -1,4 +1,4 @@
-"""Instruction data (SPEC §6): read JSON/JSONL records, embed them offline, write a subset back.
+"""Instruction data (docs/method.md §6): read JSON/JSONL records, embed them offline, write a subset back.
 
 A record is a JSON object with any of the fields ``instruction``, ``input``, ``output``; its text
 is the non-empty fields joined by newlines, in that order. A ``.jsonl`` file holds one record per
@@ -18,8 +18,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from dqkernels.core.errors import InputError
+from dqkernels.formats.inputs import TEXT_SUFFIXES
+
 INSTRUCTION_FIELDS = ("instruction", "input", "output")
-TEXT_SUFFIXES = (".json", ".jsonl")
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ def read_instruction_records(path: str | os.PathLike) -> InstructionRecords:
     """
     path = Path(path)
     if path.suffix not in TEXT_SUFFIXES:
-        raise ValueError(f"instruction data {str(path)!r} must be a .json or .jsonl file")
+        raise InputError(f"instruction data {str(path)!r} must be a .json or .jsonl file")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         lines = [line for line in text.splitlines() if line.strip()]
@@ -54,22 +56,22 @@ def read_instruction_records(path: str | os.PathLike) -> InstructionRecords:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as error:
-                raise ValueError(f"{str(path)!r}, record {line_number}: invalid JSON ({error})") from None
+                raise InputError(f"{str(path)!r}, record {line_number}: invalid JSON ({error})") from None
         file_format = "jsonl"
     else:
         try:
             records = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{str(path)!r}: invalid JSON ({error})") from None
+            raise InputError(f"{str(path)!r}: invalid JSON ({error})") from None
         if not isinstance(records, list):
-            raise ValueError(f"{str(path)!r} must hold a JSON array of records")
+            raise InputError(f"{str(path)!r} must hold a JSON array of records")
         lines = None
         file_format = "json"
     if not records:
-        raise ValueError(f"instruction data {str(path)!r} holds no records")
+        raise InputError(f"instruction data {str(path)!r} holds no records")
     for number, record in enumerate(records, start=1):
         if not isinstance(record, dict) or not any(key in record for key in INSTRUCTION_FIELDS):
-            raise ValueError(
+            raise InputError(
                 f"{str(path)!r}, record {number}: expected an object with instruction/input/output"
             )
     return InstructionRecords(records, lines, file_format)
@@ -104,7 +106,7 @@ def load_text_model(model_path: str | os.PathLike, device: Optional[str] = None)
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as error:
-        raise ValueError(
+        raise InputError(
             "text features need the sentence-transformers package (pip install sentence-transformers)"
         ) from error
     from transformers.utils import logging as transformers_logging
@@ -114,13 +116,13 @@ def load_text_model(model_path: str | os.PathLike, device: Optional[str] = None)
     device = str(resolve_device(device))
     model_path = Path(model_path)
     if not (model_path / "modules.json").is_file() and not (model_path / "config.json").is_file():
-        raise ValueError(f"{str(model_path)!r} is not a sentence-embedding model directory")
+        raise InputError(f"{str(model_path)!r} is not a sentence-embedding model directory")
     transformers_logging.disable_progress_bar()
     try:
         return SentenceTransformer(str(model_path), device=device, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"cannot load text model {str(model_path)!r}: {first_line}") from error
+        raise InputError(f"cannot load text model {str(model_path)!r}: {first_line}") from error
 
 
 def embed_texts(

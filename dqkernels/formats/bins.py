@@ -7,6 +7,8 @@ import zipfile
 
 import numpy as np
 
+from dqkernels.core.errors import InputError
+
 
 def bin_sizes_summary(sizes: np.ndarray, shown: int = 12) -> str:
     """'180 180 179' for up to ``shown`` bin sizes, then '... (min a, max b)'."""
@@ -23,4 +25,4 @@ def load_bins_file(path: str | os.PathLike):
     try:
         return load_bins(path)
     except zipfile.BadZipFile as error:
-        raise ValueError(f"bins file {str(path)!r} is not a readable bins .npz ({error})") from None
+        raise InputError(f"bins file {str(path)!r} is not a readable bins .npz ({error})") from None

@@ -11,6 +11,7 @@ from typing import Optional
 
 import numpy as np
 
+from dqkernels.core.errors import InputError
 from dqkernels.core.validate import load_float_matrix
 
 SIDECAR_NAME = "features.json"
@@ -52,9 +53,9 @@ def read_sidecar(sidecar_path: Path) -> dict:
     try:
         sidecar = json.loads(Path(sidecar_path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read feature sidecar {str(sidecar_path)!r}: {error}") from None
+        raise InputError(f"cannot read feature sidecar {str(sidecar_path)!r}: {error}") from None
     if not isinstance(sidecar, dict) or sidecar.get("format") != FEATURES_FORMAT:
-        raise ValueError(f"{str(sidecar_path)!r} is not a dqk features sidecar")
+        raise InputError(f"{str(sidecar_path)!r} is not a dqk features sidecar")
     return sidecar
 
 
@@ -63,11 +64,11 @@ def load_labels(path: Path, count: int) -> np.ndarray:
     try:
         labels = np.load(path)
     except (OSError, ValueError, EOFError) as error:
-        raise ValueError(f"labels {str(path)!r} is not a readable .npy file ({error})") from None
+        raise InputError(f"labels {str(path)!r} is not a readable .npy file ({error})") from None
     if not isinstance(labels, np.ndarray) or labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels {str(path)!r} must be a 1-D integer array")
+        raise InputError(f"labels {str(path)!r} must be a 1-D integer array")
     if labels.shape[0] != count:
-        raise ValueError(f"labels {str(path)!r} have {labels.shape[0]} entries but the features have {count} rows")
+        raise InputError(f"labels {str(path)!r} have {labels.shape[0]} entries but the features have {count} rows")
     return labels.astype(np.int64, copy=False)
 
 
@@ -84,12 +85,12 @@ def open_feature_set(
 
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"features {str(path)!r} do not exist")
+        raise InputError(f"features {str(path)!r} do not exist")
     sidecar_path = None
     if path.is_dir():
         sidecar_path = path / SIDECAR_NAME
         if not sidecar_path.is_file():
-            raise ValueError(f"directory {str(path)!r} holds no {SIDECAR_NAME}")
+            raise InputError(f"directory {str(path)!r} holds no {SIDECAR_NAME}")
     elif path.suffix == ".json":
         sidecar_path = path
     elif (path.parent / SIDECAR_NAME).is_file():
@@ -111,7 +112,7 @@ def open_feature_set(
             delta = load_float_matrix(base / files["delta"], "gradient delta")
             embed = load_float_matrix(base / files["embed"], "gradient embedding")
             if delta.shape[0] != embed.shape[0]:
-                raise ValueError(f"delta has {delta.shape[0]} rows but embed has {embed.shape[0]}")
+                raise InputError(f"delta has {delta.shape[0]} rows but embed has {embed.shape[0]}")
             features = GradEmbedding(delta, embed)
         if use_labels and "labels" in files:
             set_labels = base / files["labels"]

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dqkernels.core.errors import InputError
+
 
 def manifest_path(subset_path: str | os.PathLike) -> Path:
     """The JSON manifest written beside a subset ``.npy``."""
@@ -20,7 +22,7 @@ def read_manifest(subset_path: str | os.PathLike) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read subset manifest {str(path)!r}: {error}") from None
+        raise InputError(f"cannot read subset manifest {str(path)!r}: {error}") from None
 
 
 def load_subset_indices(subset: str | os.PathLike) -> np.ndarray:
@@ -28,10 +30,10 @@ def load_subset_indices(subset: str | os.PathLike) -> np.ndarray:
     try:
         indices = np.load(subset)
     except (OSError, ValueError, EOFError) as error:
-        raise ValueError(f"subset {str(subset)!r} is not a readable .npy file ({error})") from None
+        raise InputError(f"subset {str(subset)!r} is not a readable .npy file ({error})") from None
     if not isinstance(indices, np.ndarray) or indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
-        raise ValueError(f"subset {str(subset)!r} must hold a 1-D integer array of sample ids")
+        raise InputError(f"subset {str(subset)!r} must hold a 1-D integer array of sample ids")
     indices = indices.astype(np.int64, copy=False)
     if indices.size and (indices[0] < 0 or np.any(np.diff(indices) <= 0)):
-        raise ValueError(f"subset {str(subset)!r} must hold sorted, unique, non-negative ids")
+        raise InputError(f"subset {str(subset)!r} must hold sorted, unique, non-negative ids")
     return indices

@@ -1,4 +1,4 @@
-"""``graphcut_bins``: DQ bin generation (SPEC §1) behind one call, and its result object."""
+"""``graphcut_bins``: DQ bin generation (docs/method.md §1) behind one call, and its result object."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 
 from dqkernels.core.atomic import atomic_output
 from dqkernels.core.checksum import features_checksum
+from dqkernels.core.errors import InputError
 from dqkernels.core.validate import (
     GradEmbedding,
     as_choice,
@@ -21,6 +22,7 @@ from dqkernels.core.validate import (
     as_positive_int,
     source_dtype_name,
 )
+from dqkernels.core.version import __version__
 from dqkernels.graphcut import reference
 from dqkernels.graphcut.sizes import bin_sizes_per_problem
 
@@ -35,14 +37,12 @@ _MIN_DIMS_FOR_GRAM = 128
 
 
 def _version() -> str:
-    from dqkernels import __version__
-
     return __version__
 
 
 @dataclass
 class BinResult:
-    """Bins of a data set (SPEC §1 output).
+    """Bins of a data set (docs/method.md §1 output).
 
     order: (M,) int64 sample ids in pick order, bin after bin.
     bin_offsets: (N+1,) int64; bin n is order[bin_offsets[n]:bin_offsets[n+1]].
@@ -95,7 +95,7 @@ class BinResult:
 def load_bins(path) -> BinResult:
     """Read a bins ``.npz`` written by ``BinResult.save``; ValueError if it is not one."""
     if not os.path.isfile(path):
-        raise ValueError(f"bins file not found: {path}")
+        raise InputError(f"bins file not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as data:
             order = data["order"].astype(np.int64)
@@ -103,7 +103,7 @@ def load_bins(path) -> BinResult:
             labels = data["labels"].astype(np.int64) if "labels" in data.files else None
             meta = json.loads(str(data["meta"]))
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"not a dqkernels bins file: {path} ({exc})") from None
+        raise InputError(f"not a dqkernels bins file: {path} ({exc})") from None
     m = len(order)
     if (
         offsets.ndim != 1
@@ -114,7 +114,7 @@ def load_bins(path) -> BinResult:
         or not np.array_equal(np.sort(order), np.arange(m))
         or (labels is not None and len(labels) != m)
     ):
-        raise ValueError(f"bins file is inconsistent (not a partition of its samples): {path}")
+        raise InputError(f"bins file is inconsistent (not a partition of its samples): {path}")
     return BinResult(order, offsets, labels, meta.pop("backend", "?"), meta.pop("form", "?"), meta)
 
 
@@ -145,7 +145,7 @@ def _unit_rows(block: np.ndarray, ids: np.ndarray) -> np.ndarray:
         block = block.astype(np.float64)
         peak = np.abs(block).max(axis=1)
         if (peak == 0).any():
-            raise ValueError(
+            raise InputError(
                 f"features: row {int(ids[np.flatnonzero(peak == 0)[0]])} is all zeros; cosine "
                 "needs non-zero rows (use metric='euclidean')"
             )
@@ -173,7 +173,7 @@ def _working_features(features, metric: str, perm: np.ndarray, problem_offsets, 
             )
             zero = np.flatnonzero(norms == 0)
             if len(zero):
-                raise ValueError(
+                raise InputError(
                     f"features: gradient embedding of row {int(perm[zero[0]])} is zero; "
                     "cosine needs non-zero rows (use metric='euclidean')"
                 )
@@ -204,7 +204,7 @@ def _working_features(features, metric: str, perm: np.ndarray, problem_offsets, 
             x[lo + start : lo + start + len(ids)] = block
     # δ = n_x + n_p − 2·f_x·f_p and the running sums must stay finite in the working dtype.
     if not largest * 4 * len(x) < float(np.finfo(dtype).max):
-        raise ValueError(
+        raise InputError(
             f"features: values too large for {np.dtype(dtype).name} arithmetic "
             f"(largest squared norm {largest:.3g}); rescale them or pass precision='float64'"
         )
@@ -225,7 +225,7 @@ def graphcut_bins(
     memory_budget: Optional[int] = None,
     threads: Optional[int] = None,
 ) -> BinResult:
-    """Split a data set into ``bins`` non-overlapping bins by greedy GraphCut (SPEC §1).
+    """Split a data set into ``bins`` non-overlapping bins by greedy GraphCut (docs/method.md §1).
 
     features: (M, d) float16/bfloat16/float32/float64 numpy array or torch tensor, or a
         ``GradEmbedding(delta (M, C), embed (M, D))``.
@@ -251,14 +251,14 @@ def graphcut_bins(
     as_choice(form, FORMS, "form")
     device = _resolve_device(device, backend)
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not np.isfinite(lam) or lam <= 0:
-        raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
+        raise InputError(f"lam must be a finite number > 0, got {lam!r}")
     lam = float(lam)
 
     if isinstance(features, GradEmbedding):
         delta = as_float_matrix(features.delta, "features.delta")
         embed = as_float_matrix(features.embed, "features.embed")
         if len(delta) != len(embed):
-            raise ValueError(
+            raise InputError(
                 f"features.delta has {len(delta)} rows but features.embed has {len(embed)}"
             )
         user_features = GradEmbedding(delta, embed)
@@ -296,9 +296,9 @@ def graphcut_bins(
     else:
         use_gram = _choose_forms(np.diff(offsets), sum(dims), dtype, form, memory_budget, threads)
         try:
-            from dqkernels import _C
+            from dqkernels.graphcut import _C
         except ImportError as exc:
-            raise ValueError(
+            raise InputError(
                 f"backend={backend!r}: the C++ engine is not built ({exc}); reinstall with "
                 "`pip install -e .`, or pass backend='reference'"
             ) from None
@@ -334,7 +334,7 @@ def bins_and_precision(bins, m: int, precision, input_dtype) -> tuple:
     input, else float32."""
     n_bins = as_positive_int(bins, "bins")
     if n_bins > m:
-        raise ValueError(f"bins={n_bins} is more than the number of samples ({m})")
+        raise InputError(f"bins={n_bins} is more than the number of samples ({m})")
     if precision is None:
         precision = "float64" if input_dtype == np.float64 else "float32"
     as_choice(precision, PRECISIONS, "precision")
@@ -368,18 +368,18 @@ def _resolve_device(device, backend) -> str:
         return "cpu"
     name = str(device)
     if name != "cpu" and not name.startswith("cuda"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if name.startswith("cuda"):
         if backend in ("cpu", "reference"):
-            raise ValueError(f"backend={backend!r} runs on the CPU; it cannot use device={name!r}")
+            raise InputError(f"backend={backend!r} runs on the CPU; it cannot use device={name!r}")
         try:
             import torch
         except ImportError:
-            raise ValueError(f"device={name!r} needs torch with CUDA; torch is not installed") from None
+            raise InputError(f"device={name!r} needs torch with CUDA; torch is not installed") from None
         if not torch.cuda.is_available():
-            raise ValueError(f"device={name!r}: no CUDA device is available to torch")
+            raise InputError(f"device={name!r}: no CUDA device is available to torch")
     elif backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("backend='triton' needs device='cuda' (or TRITON_INTERPRET=1 on the CPU)")
+        raise InputError("backend='triton' needs device='cuda' (or TRITON_INTERPRET=1 on the CPU)")
     return name
 
 

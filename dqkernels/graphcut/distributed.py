@@ -1,4 +1,4 @@
-"""GraphCut bins (SPEC §1) across processes and machines with torch.distributed.
+"""GraphCut bins (docs/method.md §1) across processes and machines with torch.distributed.
 
 One process per GPU (NCCL) or per CPU socket (gloo), launched by ``torchrun``; the caller
 initialises the process group. Two ways to split the work, both giving the single-process
@@ -9,7 +9,7 @@ engine's bins:
   rank bins its classes with the local engine (C++ on the CPU, the batched torch engine on a
   GPU), and the local pick orders are gathered on one rank.
 - ``mode="rows"``: every problem's rows are split into contiguous slices, one per rank. Each
-  rank keeps the running score of its slice (SPEC §1 incremental form, float64). Per greedy step:
+  rank keeps the running score of its slice (docs/method.md §1 incremental form, float64). Per greedy step:
   one all-gather of every rank's local best (score, position, norm) picks the winner (highest
   score, lowest position on ties), the winner's row goes from its owner to every rank, and every
   rank updates its scores. The part of the update that needs no row (n_x + n_x*) runs while the
@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from dqkernels.core.checksum import block_digests, combine_digests, features_checksum
+from dqkernels.core.errors import InputError, InputTypeError
 from dqkernels.core.validate import (
     GradEmbedding,
     as_choice,
@@ -95,13 +96,13 @@ class _Ranks:
     @classmethod
     def of(cls, group) -> _Ranks:
         if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError(
+            raise InputError(
                 "graphcut_bins_distributed needs an initialised process group: call "
                 "torch.distributed.init_process_group (torchrun sets up its environment)"
             )
         backend = str(dist.get_backend(group)).lower()
         if backend not in ("gloo", "nccl"):
-            raise ValueError(f"process group backend must be gloo or nccl, got {backend!r}")
+            raise InputError(f"process group backend must be gloo or nccl, got {backend!r}")
         device = (
             torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         )
@@ -172,7 +173,9 @@ class _Ranks:
         for rank, (report, _) in enumerate(reports):
             if report is not None:
                 kind, message = report
-                error_type = TypeError if kind == "TypeError" else ValueError
+                error_type = {
+                    "InputError": InputError, "InputTypeError": InputTypeError, "TypeError": TypeError
+                }.get(kind, ValueError)
                 raise error_type(f"rank {rank}: {message}")
         return [info for _, info in reports]
 
@@ -211,17 +214,17 @@ def _as_row_source(value, name: str) -> np.ndarray:
     if type(value).__module__.startswith("torch"):
         tensor = value.detach()
         if not torch.is_floating_point(tensor):
-            raise TypeError(f"{name} must be a floating tensor, got {tensor.dtype}")
+            raise InputTypeError(f"{name} must be a floating tensor, got {tensor.dtype}")
         if tensor.dtype == torch.bfloat16:
             tensor = tensor.float()
         value = tensor.cpu().numpy()
     array = value if isinstance(value, np.ndarray) else np.asarray(value)
     if array.dtype.kind != "f":
-        raise TypeError(f"{name} must hold floating-point numbers, got dtype {array.dtype}")
+        raise InputTypeError(f"{name} must hold floating-point numbers, got dtype {array.dtype}")
     if array.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (samples, dims) array, got shape {array.shape}")
+        raise InputError(f"{name} must be a 2-D (samples, dims) array, got shape {array.shape}")
     if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {array.shape})")
+        raise InputError(f"{name} is empty (shape {array.shape})")
     return array
 
 
@@ -230,14 +233,14 @@ def _plan(features, bins, labels, metric, lam, mode, sizes, precision, dst, rank
     as_choice(metric, METRICS, "metric")
     as_choice(mode, MODES, "mode")
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not np.isfinite(lam) or lam <= 0:
-        raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
+        raise InputError(f"lam must be a finite number > 0, got {lam!r}")
     if dst is not None and (isinstance(dst, bool) or not isinstance(dst, int) or not 0 <= dst < ranks.size):
-        raise ValueError(f"dst must be None or a rank in [0, {ranks.size}), got {dst!r}")
+        raise InputError(f"dst must be None or a rank in [0, {ranks.size}), got {dst!r}")
     if isinstance(features, GradEmbedding):
         delta = _as_row_source(features.delta, "features.delta")
         embed = _as_row_source(features.embed, "features.embed")
         if len(delta) != len(embed):
-            raise ValueError(f"features.delta has {len(delta)} rows but features.embed has {len(embed)}")
+            raise InputError(f"features.delta has {len(delta)} rows but features.embed has {len(embed)}")
         source = GradEmbedding(delta, embed)
         input_dtype = np.result_type(delta.dtype, embed.dtype)
         source_dtype = ",".join(
@@ -254,12 +257,12 @@ def _plan(features, bins, labels, metric, lam, mode, sizes, precision, dst, rank
     if mode == "auto":
         mode = "classes" if labels is not None else "rows"
     if mode == "rows" and isinstance(source, GradEmbedding):
-        raise ValueError(
+        raise InputError(
             "mode='rows' needs plain features; bin gradient embeddings per class (mode='classes')"
         )
 
     if labels is None and mode == "classes":
-        raise ValueError("mode='classes' needs labels")
+        raise InputError("mode='classes' needs labels")
     label_array, perm, bin_sizes, offsets = problem_layout(labels, m, n_bins, sizes)
     meta = {
         "metric": metric,
@@ -285,7 +288,7 @@ def _plan(features, bins, labels, metric, lam, mode, sizes, precision, dst, rank
 def _check_finite(block: np.ndarray, ids: np.ndarray, name: str = "features") -> None:
     finite = np.isfinite(block).all(axis=1)
     if not finite.all():
-        raise ValueError(f"{name} contains NaN or inf (first at row {int(ids[np.flatnonzero(~finite)[0]])})")
+        raise InputError(f"{name} contains NaN or inf (first at row {int(ids[np.flatnonzero(~finite)[0]])})")
 
 
 # --------------------------------------------------------------------------- per-class mode
@@ -369,7 +372,7 @@ def _class_working_rows(plan: _Plan, local_perm: np.ndarray, local_offsets: np.n
     if metric == "cosine":
         zero = np.flatnonzero(~rows.any(axis=1))
         if len(zero):
-            raise ValueError(
+            raise InputError(
                 f"features: row {int(local_perm[zero[0]])} is all zeros; cosine needs non-zero rows "
                 "(use metric='euclidean')"
             )
@@ -387,9 +390,9 @@ def _local_engine(x, embed, offsets, bin_sizes, lam, dtype, device, threads):
 
         return graphcut_bins_torch(x, embed, offsets, bin_sizes, lam, device), "gram"
     try:
-        from dqkernels import _C
+        from dqkernels.graphcut import _C
     except ImportError as error:
-        raise ValueError(
+        raise InputError(
             f"the C++ engine is not built ({error}); reinstall with `pip install -e .`"
         ) from None
     threads = threads or _local_cores()
@@ -448,7 +451,7 @@ def _working_slice(source, metric, ids, problem_size, m_total, dtype, ranks):
     ranks.all_reduce(largest_tensor, "comparing the rows' norms", op="max")
     largest = float(largest_tensor.item())
     if not largest * 4 * m_total < float(np.finfo(dtype).max):
-        raise ValueError(
+        raise InputError(
             f"features: values too large for {np.dtype(dtype).name} arithmetic "
             f"(largest squared norm {largest:.3g}); rescale them or pass precision='float64'"
         )
@@ -501,7 +504,7 @@ def _pairwise_c2(rows, norms, pool, ranks: _Ranks):
 
 
 def greedy_rows(rows, norms, first_position: int, bin_sizes, lam: float, ranks: _Ranks):
-    """Greedy bins of one problem whose rows are split across the ranks (SPEC §1, incremental).
+    """Greedy bins of one problem whose rows are split across the ranks (docs/method.md §1, incremental).
 
     rows: (m+1, d) float32/float64 tensor on ``ranks.device`` — this rank's m rows, problem
         positions first_position .. first_position+m−1, then a zero sentinel row.
@@ -670,7 +673,7 @@ def graphcut_bins_distributed(
         plan = _plan(features, bins, labels, metric, lam, mode, sizes, precision, dst, ranks)
         device = torch.device(device if device is not None else ranks.device)
         if (device.type == "cuda") != (ranks.backend == "nccl"):
-            raise ValueError(
+            raise InputError(
                 f"device={str(device)!r} does not fit a {ranks.backend} process group "
                 "(NCCL runs on GPUs, gloo on the CPU)"
             )
@@ -682,7 +685,7 @@ def graphcut_bins_distributed(
     for rank, description in enumerate(descriptions[1:], start=1):
         for key, value in descriptions[0].items():
             if description[key] != value:
-                raise ValueError(
+                raise InputError(
                     f"ranks disagree on {key}: rank 0 has {value!r}, rank {rank} has "
                     f"{description[key]!r}; every rank must get the same input"
                 )

@@ -1,4 +1,4 @@
-"""Float64 numpy reference of GraphCut bin generation (SPEC §1), written for clarity.
+"""Float64 numpy reference of GraphCut bin generation (docs/method.md §1), written for clarity.
 
 It forms the full pairwise distance matrix of a problem (n×n float64), so it is meant for
 tests and small inputs; the engines compute the same argmax without it.
@@ -7,6 +7,8 @@ tests and small inputs; the engines compute the same argmax without it.
 from __future__ import annotations
 
 import numpy as np
+
+from dqkernels.core.errors import InputError
 
 
 def pairwise_sq_distances(features: np.ndarray, embed: np.ndarray | None = None) -> np.ndarray:
@@ -39,7 +41,7 @@ def greedy_bins_reference(dist: np.ndarray, bin_sizes, lam: float = 1.0) -> np.n
     n = dist.shape[0]
     bin_sizes = [int(s) for s in bin_sizes]
     if sum(bin_sizes) != n:
-        raise ValueError("bin_sizes must sum to the number of samples")
+        raise InputError("bin_sizes must sum to the number of samples")
     pool = np.arange(n)
     order: list[int] = []
     for b, size in enumerate(bin_sizes):
@@ -72,7 +74,7 @@ def official_graphcut_bins(
     For each bin but the last: the similarity matrix of the pool V, s = ½ + ½·cos (stored in
     ``similarity_dtype``: float32 in the official code), its column sums, and a naive greedy whose gain for every candidate x,
     λ·Σ_{i∈V} s_ix − 2·Σ_{j∈S} s_jx, re-sums the selected rows at every step (O(|S|·|V|) per
-    step). Equal to ``greedy_bins_reference`` on normalised rows (SPEC §1); kept as the
+    step). Equal to ``greedy_bins_reference`` on normalised rows (docs/method.md §1); kept as the
     baseline that the engines are timed against.
 
     features: (n, d) float rows; bin_sizes: (N,) ints summing to n.

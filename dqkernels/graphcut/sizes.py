@@ -1,8 +1,10 @@
-"""Bin sizes (SPEC §1): ``np.array_split`` sizes, or the official code's sizes."""
+"""Bin sizes (docs/method.md §1): ``np.array_split`` sizes, or the official code's sizes."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from dqkernels.core.errors import InputError, InputTypeError
 
 SIZE_RULES = ("split", "official")
 
@@ -57,16 +59,16 @@ def bin_sizes_per_problem(class_counts: np.ndarray, n_bins: int, rule) -> np.nda
             return np.stack([split_sizes(int(c), n_bins) for c in class_counts])
         if rule == "official":
             return official_sizes(class_counts, n_bins)
-        raise ValueError(f"sizes must be one of {SIZE_RULES} or a list of bin sizes, got {rule!r}")
+        raise InputError(f"sizes must be one of {SIZE_RULES} or a list of bin sizes, got {rule!r}")
     explicit = np.asarray(rule)
     if explicit.ndim != 1 or explicit.dtype.kind not in "iu":
-        raise TypeError("sizes must be 'split', 'official' or a 1-D sequence of integers")
+        raise InputTypeError("sizes must be 'split', 'official' or a 1-D sequence of integers")
     if len(class_counts) != 1:
-        raise ValueError("explicit sizes apply to global binning only (labels=None)")
+        raise InputError("explicit sizes apply to global binning only (labels=None)")
     if len(explicit) != n_bins:
-        raise ValueError(f"sizes has {len(explicit)} entries but bins={n_bins}")
+        raise InputError(f"sizes has {len(explicit)} entries but bins={n_bins}")
     if (explicit < 0).any() or int(explicit.sum()) != int(class_counts[0]):
-        raise ValueError(
+        raise InputError(
             f"sizes must be non-negative and sum to the number of samples ({int(class_counts[0])})"
         )
     return explicit.astype(np.int64)[None, :]

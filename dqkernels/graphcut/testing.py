@@ -1,4 +1,4 @@
-"""The replay checker of SPEC §2, public so users can audit any binning."""
+"""The replay checker of docs/method.md §2, public so users can audit any binning."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def check_binning(
     rtol: float = 1e-4,
     expected_sizes=None,
 ) -> ReplayReport:
-    """Replay a binning in float64 and raise AssertionError if it breaks SPEC §1–2.
+    """Replay a binning in float64 and raise AssertionError if it breaks docs/method.md §1–2.
 
     result: a ``BinResult`` (or anything with ``order`` and ``bin_offsets``).
     features: the (M, d) features that were binned, or a ``GradEmbedding``.

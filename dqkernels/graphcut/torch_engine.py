@@ -1,4 +1,4 @@
-"""Portable torch engine for GraphCut bins (SPEC §1): any device torch runs on.
+"""Portable torch engine for GraphCut bins (docs/method.md §1): any device torch runs on.
 
 All problems (classes) advance together as one batch: Gram matrices (P, n, n) from one batched
 GEMM, then per greedy step one gathered Gram row per problem, a score update and an argmax, all
@@ -10,6 +10,8 @@ on the device — the loop never waits on the host. The step itself is either to
 from __future__ import annotations
 
 import numpy as np
+
+from dqkernels.core.errors import InputError
 
 STEPS = ("torch", "triton")
 
@@ -44,7 +46,7 @@ def graphcut_bins_torch(x, embed, offsets, bin_sizes, lam, device, step="torch")
     import torch
 
     if step not in STEPS:
-        raise ValueError(f"step must be one of {STEPS}, got {step!r}")
+        raise InputError(f"step must be one of {STEPS}, got {step!r}")
     device = torch.device(device)
     offsets = np.asarray(offsets, dtype=np.int64)
     counts = np.diff(offsets)

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from dqkernels.core.errors import InputError
 from dqkernels.formats.feature_set import open_feature_set
 from dqkernels.graphcut.distributed import (
     DEFAULT_TIMEOUT_S,
@@ -49,14 +50,14 @@ def make_bins_distributed(
     torchrun_variables = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     missing = [name for name in torchrun_variables if name not in os.environ]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"distributed binning runs under torchrun ({', '.join(missing)} not set), e.g. "
             "torchrun --nproc-per-node 4 -m dqkernels.cli bin --features F --distributed"
         )
     cuda = device is not None and str(device).startswith("cuda")
     if cuda:
         if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r}: no CUDA device is available to torch")
+            raise InputError(f"device={device!r}: no CUDA device is available to torch")
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     try:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from dqkernels.core.errors import InputError
 from dqkernels.formats.feature_set import read_sidecar
 from dqkernels.formats.inputs import input_kind
 
@@ -38,7 +39,7 @@ def export_subset(
         check_export_destination(dest)
     sidecar = read_sidecar(Path(features_sidecar)) if features_sidecar else None
     if sidecar is None and source is None:
-        raise ValueError("the features have no dqk sidecar naming their input; give the input data with --source")
+        raise InputError("the features have no dqk sidecar naming their input; give the input data with --source")
     source_path = Path(source) if source is not None else Path(sidecar["source"]["path"])
     kind = input_kind(source_path)
     writer = _export_writer(kind, source_path, sidecar, features_sidecar, indices, link)
@@ -60,7 +61,7 @@ def check_export_destination(dest: str | os.PathLike) -> None:
     """Raise ValueError unless ``dest`` is missing or an empty directory."""
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise ValueError(f"export directory {str(dest)!r} already exists and is not empty")
+        raise InputError(f"export directory {str(dest)!r} already exists and is not empty")
 
 
 def _export_writer(
@@ -127,6 +128,6 @@ def _export_writer(
 
 def _check_ids_fit(indices: np.ndarray, count: int, source_path: Path) -> None:
     if indices.size and indices[-1] >= count:
-        raise ValueError(
+        raise InputError(
             f"subset id {int(indices[-1])} is out of range for {str(source_path)!r} ({count} samples)"
         )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dqkernels.core.errors import InputError
 from dqkernels.formats.bins import bin_sizes_summary, load_bins_file
 from dqkernels.formats.feature_set import SIDECAR_NAME, FeatureSet, open_feature_set
 from dqkernels.formats.subset import load_subset_indices, manifest_path, read_manifest
@@ -17,7 +18,7 @@ def describe(path: str | os.PathLike) -> str:
     """Human-readable description of a bins ``.npz``, a subset, a feature set or any ``.npy``."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"{str(path)!r} does not exist")
+        raise InputError(f"{str(path)!r} does not exist")
     if path.is_dir() or path.name == SIDECAR_NAME:
         return _describe_feature_set(open_feature_set(path, use_labels=True))
     if path.suffix == ".npz":
@@ -25,7 +26,7 @@ def describe(path: str | os.PathLike) -> str:
     if path.suffix == ".json":
         path = path.with_suffix(".npy")
     if path.suffix != ".npy":
-        raise ValueError(f"{str(path)!r}: expected a .npz, .npy, .json or feature-set directory")
+        raise InputError(f"{str(path)!r}: expected a .npz, .npy, .json or feature-set directory")
     if manifest_path(path).is_file():
         return _describe_subset(path)
     feature_set = open_feature_set(path)

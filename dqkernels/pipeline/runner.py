@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from dqkernels.core.atomic import write_json
+from dqkernels.core.errors import InputError
 from dqkernels.core.fingerprint import (
     fingerprint_arrays,
     fingerprint_document,
@@ -86,15 +87,15 @@ class PipelineConfig:
             document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError) as error:
             first_line = str(error).strip().splitlines()[0]
-            raise ValueError(f"cannot read config {str(path)!r}: {first_line}") from None
+            raise InputError(f"cannot read config {str(path)!r}: {first_line}") from None
         if not isinstance(document, dict):
-            raise ValueError(f"config {str(path)!r} must be a mapping of option names to values")
+            raise InputError(f"config {str(path)!r} must be a mapping of option names to values")
         known = {f.name for f in fields(cls)}
         values = {}
         for key, value in document.items():
             name = str(key).replace("-", "_")
             if name not in known:
-                raise ValueError(f"config {str(path)!r}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+                raise InputError(f"config {str(path)!r}: unknown key {key!r} (known: {', '.join(sorted(known))})")
             if name in cls.PATH_KEYS and value is not None:
                 value = str((path.parent / str(value)).resolve())
             values[name] = value
@@ -109,14 +110,14 @@ def run_pipeline(config: PipelineConfig, log: Callable[[str], None] = print, pro
     whose output records the same fingerprint is reused. Returns the output path of each stage.
     """
     if config.input is None:
-        raise ValueError("run needs an input (--input or 'input:' in the config)")
+        raise InputError("run needs an input (--input or 'input:' in the config)")
     if config.work_dir is None:
-        raise ValueError("run needs a work directory (--work-dir or 'work_dir:' in the config)")
+        raise InputError("run needs a work directory (--work-dir or 'work_dir:' in the config)")
     if config.drop is not None:  # checked before any stage runs
         if isinstance(config.drop, bool) or not isinstance(config.drop, (int, float)) or not 0 <= config.drop < 1:
-            raise ValueError(f"drop must be a ratio in [0, 1), got {config.drop!r}")
+            raise InputError(f"drop must be a ratio in [0, 1), got {config.drop!r}")
         if input_kind(config.input) == "text":
-            raise ValueError("drop: pixel quantization needs images, the input is text")
+            raise InputError("drop: pixel quantization needs images, the input is text")
     work_dir = Path(config.work_dir)
     options = asdict(config)
     input_path = Path(config.input).resolve()

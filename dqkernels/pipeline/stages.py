@@ -29,6 +29,7 @@ from typing import Optional
 import numpy as np
 
 from dqkernels.core.atomic import save_npy, write_json, write_lines
+from dqkernels.core.errors import InputError
 from dqkernels.core.fingerprint import (
     fingerprint_arrays,
     fingerprint_file,
@@ -95,7 +96,7 @@ def extract_features(
     kind = input_kind(input_path)
     if kind == "text":
         if mode != "pooled":
-            raise ValueError("gradient mode needs labelled images; instruction data supports mode 'pooled'")
+            raise InputError("gradient mode needs labelled images; instruction data supports mode 'pooled'")
         extracted = _text_features(input_path, text_model, batch_size, device, progress)
     else:
         extracted = _image_features(
@@ -143,7 +144,7 @@ def _text_features(input_path: Path, text_model, batch_size: int, device, progre
     )
 
     if text_model is None:
-        raise ValueError("instruction data needs a local sentence-embedding model (--text-model)")
+        raise InputError("instruction data needs a local sentence-embedding model (--text-model)")
     instructions = read_instruction_records(input_path)
     embeddings = embed_texts(
         [record_text(record) for record in instructions.records],

@@ -1,4 +1,4 @@
-"""Pixel quantization (SPEC §4): score patches with GradCAM++, keep the informative ones, store them.
+"""Pixel quantization (docs/method.md §4): score patches with GradCAM++, keep the informative ones, store them.
 
     scores = gradcampp_patch_scores(images, cam_model)          # (N, L), batched, fp32
     keep_mask = keep_mask_from_scores(scores, drop=0.25)        # (N, L) bool, L_keep per row
@@ -22,6 +22,7 @@ from typing import Optional
 
 import numpy as np
 
+from dqkernels.core.errors import InputError, InputTypeError
 from dqkernels.pixel.patch_store import (
     PatchGeometry,
     PatchStore,
@@ -43,10 +44,10 @@ def keep_count(num_patches: int, drop: float) -> int:
     patch, not 0 (float error). Raises ValueError when nothing would be kept.
     """
     if isinstance(drop, bool) or not isinstance(drop, (int, float, np.floating)) or not 0 <= drop < 1:
-        raise ValueError(f"drop must be a ratio in [0, 1), got {drop!r}")
+        raise InputError(f"drop must be a ratio in [0, 1), got {drop!r}")
     kept = math.floor(round(num_patches * (1.0 - float(drop)), 9))
     if kept < 1:
-        raise ValueError(f"drop={drop} keeps no patch of {num_patches}; use a smaller drop ratio")
+        raise InputError(f"drop={drop} keeps no patch of {num_patches}; use a smaller drop ratio")
     return kept
 
 
@@ -60,12 +61,12 @@ def resolve_target_layer(model, target_layer: Optional[str] = None):
     if target_layer is None:
         feature_info = getattr(model, "feature_info", None)
         if not feature_info:
-            raise ValueError("the model has no timm feature_info; name its last convolutional stage with target_layer")
+            raise InputError("the model has no timm feature_info; name its last convolutional stage with target_layer")
         target_layer = feature_info[-1]["module"]
     if target_layer not in modules or target_layer == "":
         close = difflib.get_close_matches(str(target_layer), [name for name in modules if name], n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"target_layer {target_layer!r} is not a module of the model{hint}")
+        raise InputError(f"target_layer {target_layer!r} is not a module of the model{hint}")
     return target_layer, modules[target_layer]
 
 
@@ -123,30 +124,30 @@ def gradcampp_patch_scores(images, model, target="pred", patch: int = 16, mode: 
     import torch
 
     if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor (N, 3, H, W), got {type(images).__name__}")
+        raise InputTypeError(f"images must be a torch.Tensor (N, 3, H, W), got {type(images).__name__}")
     if images.ndim != 4 or not images.is_floating_point():
-        raise ValueError(f"images must be a floating (N, 3, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+        raise InputError(f"images must be a floating (N, 3, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
     count, height, width = images.shape[0], images.shape[2], images.shape[3]
     if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1 or height % patch or width % patch:
-        raise ValueError(f"patch must be a positive integer dividing the image size {height}x{width}, got {patch!r}")
+        raise InputError(f"patch must be a positive integer dividing the image size {height}x{width}, got {patch!r}")
     if mode not in CAM_MODES:
-        raise ValueError(f"mode must be one of {CAM_MODES}, got {mode!r}")
+        raise InputError(f"mode must be one of {CAM_MODES}, got {mode!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     labels = None
     if isinstance(target, str):
         if target != "pred":
-            raise ValueError(f"target must be 'pred' or an array of {count} class labels, got {target!r}")
+            raise InputError(f"target must be 'pred' or an array of {count} class labels, got {target!r}")
     else:
         labels = torch.as_tensor(np.asarray(target))
         if labels.shape != (count,) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise ValueError(f"target labels must be {count} integers, got {labels.dtype} {tuple(labels.shape)}")
+            raise InputError(f"target labels must be {count} integers, got {labels.dtype} {tuple(labels.shape)}")
         if count and int(labels.min()) < 0:
-            raise ValueError("target labels must be non-negative")
+            raise InputError("target labels must be non-negative")
     layer_name, layer = resolve_target_layer(model, target_layer)
     parameters = list(model.parameters())
     if not parameters or any(parameter.dtype != torch.float32 for parameter in parameters):
-        raise TypeError("model must be a float32 network (GradCAM++ runs in fp32)")
+        raise InputTypeError("model must be a float32 network (GradCAM++ runs in fp32)")
     device = parameters[0].device
 
     captured = []
@@ -169,10 +170,10 @@ def gradcampp_patch_scores(images, model, target="pred", patch: int = 16, mode: 
                 captured.clear()
                 logits = model(batch)
                 if len(captured) != 1:
-                    raise ValueError(f"target_layer {layer_name!r} ran {len(captured)} times in one forward pass")
+                    raise InputError(f"target_layer {layer_name!r} ran {len(captured)} times in one forward pass")
                 activations = captured[0]
                 if activations.ndim != 4 or logits.ndim != 2:
-                    raise ValueError(
+                    raise InputError(
                         f"target_layer {layer_name!r} must output (B, C, h, w) maps and the model (B, classes) "
                         f"logits; got {tuple(activations.shape)} and {tuple(logits.shape)}"
                     )
@@ -181,7 +182,7 @@ def gradcampp_patch_scores(images, model, target="pred", patch: int = 16, mode: 
                 else:
                     classes = labels[start : start + batch.shape[0]].to(device=device, dtype=torch.int64)
                     if int(classes.max()) >= logits.shape[1]:
-                        raise ValueError(f"target label {int(classes.max())} does not fit {logits.shape[1]} classes")
+                        raise InputError(f"target label {int(classes.max())} does not fit {logits.shape[1]} classes")
                 target_sum = logits.gather(1, classes[:, None]).sum()
                 (gradients,) = torch.autograd.grad(target_sum, activations)
                 cam = gradcampp_map(activations.detach(), gradients)
@@ -245,7 +246,7 @@ def select_samples(images_path: str | os.PathLike, subset: Optional[str | os.Pat
     path = Path(images_path)
     kind = input_kind(path)
     if kind == "text":
-        raise ValueError(f"images {str(path)!r} must be an image folder or a .npy/.npz image array")
+        raise InputError(f"images {str(path)!r} must be an image folder or a .npy/.npz image array")
     sample_ids = load_subset_indices(subset) if subset is not None else None
     labels = items = class_names = None
     if kind == "image-folder":
@@ -268,14 +269,14 @@ def select_samples(images_path: str | os.PathLike, subset: Optional[str | os.Pat
     if sample_ids is None:
         sample_ids = np.arange(total, dtype=np.int64)
     if sample_ids.size and sample_ids[-1] >= total:
-        raise ValueError(f"subset id {int(sample_ids[-1])} is out of range for {str(path)!r} ({total} images)")
+        raise InputError(f"subset id {int(sample_ids[-1])} is out of range for {str(path)!r} ({total} images)")
     if kind == "image-folder":
         items = [all_items[row] for row in sample_ids]
         class_index = {name: index for index, name in enumerate(class_names)}
         try:
             labels = np.array([class_index[item.split("/")[0]] for item in items], dtype=np.int64)
         except KeyError as error:
-            raise ValueError(f"image {error.args[0]!r} is in no class folder of {str(path)!r}") from None
+            raise InputError(f"image {error.args[0]!r} is in no class folder of {str(path)!r}") from None
     elif all_labels is not None:
         labels = all_labels[sample_ids]
     return SourceSamples(kind, path, sample_ids, labels, items, class_names)
@@ -292,7 +293,7 @@ def _uint8_batches(samples: SourceSamples, img_size: int, batch_size: int, worke
         for rows, pixels, failures in _file_batches(paths, img_size, batch_size, workers, pin_memory=False):
             if failures:
                 row, reason = failures[0]
-                raise ValueError(f"cannot read image {paths[row]!r}: {reason}")
+                raise InputError(f"cannot read image {paths[row]!r}: {reason}")
             yield rows.numpy(), pixels
         return
 
@@ -367,23 +368,23 @@ def quantize_images(
     from dqkernels.features.image import _resize_normalize, build_model, resolve_device
 
     if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1 or CAM_IMAGE_SIZE % grid:
-        raise ValueError(f"grid must be a positive integer dividing {CAM_IMAGE_SIZE}, got {grid!r}")
+        raise InputError(f"grid must be a positive integer dividing {CAM_IMAGE_SIZE}, got {grid!r}")
     if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < grid or img_size % grid:
-        raise ValueError(f"img_size must be a positive multiple of the grid ({grid}), got {img_size!r}")
+        raise InputError(f"img_size must be a positive multiple of the grid ({grid}), got {img_size!r}")
     kept = keep_count(grid * grid, drop)
     if target not in CAM_TARGETS:
-        raise ValueError(f"target must be one of {CAM_TARGETS}, got {target!r}")
+        raise InputError(f"target must be one of {CAM_TARGETS}, got {target!r}")
     if mode not in CAM_MODES:
-        raise ValueError(f"mode must be one of {CAM_MODES}, got {mode!r}")
+        raise InputError(f"mode must be one of {CAM_MODES}, got {mode!r}")
     samples = select_samples(images, subset)
     if target == "label" and samples.labels is None:
-        raise ValueError(f"target 'label' needs labels; {str(samples.path)!r} has none")
+        raise InputError(f"target 'label' needs labels; {str(samples.path)!r} has none")
     check_empty_destination(out_dir, "patch store")
     device = resolve_device(device)
     network = build_model(cam_model, checkpoint=cam_checkpoint, seed=seed).to(device)
     layer_name, _ = resolve_target_layer(network, cam_layer)
     if target == "label" and samples.labels.size and int(samples.labels.max()) >= network.num_classes:
-        raise ValueError(
+        raise InputError(
             f"label {int(samples.labels.max())} does not fit the CAM model's {network.num_classes} classes"
         )
     mean, std = network.pretrained_cfg["mean"], network.pretrained_cfg["std"]

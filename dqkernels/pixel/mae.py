@@ -1,4 +1,4 @@
-"""The official MAE (He et al., 2022) rebuilding full images from a patch store (SPEC §4).
+"""The official MAE (He et al., 2022) rebuilding full images from a patch store (docs/method.md §4).
 
     mae = load_mae("mae_visualize_vit_large.pth", arch="large")     # strict, weights only
     images = mae.reconstruct(PatchStore("patches/").batch([0, 1]))  # (2, H, W, 3) uint8
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from dqkernels.core.errors import InputError
 from dqkernels.pixel.patch_store import (
     PatchBatch,
     PatchGeometry,
@@ -85,7 +86,7 @@ def mae_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = True)
     i < embed_dim/4, computed in float64.
     """
     if embed_dim % 4:
-        raise ValueError(f"embed_dim must be a multiple of 4, got {embed_dim}")
+        raise InputError(f"embed_dim must be a multiple of 4, got {embed_dim}")
     quarter = embed_dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
     positions = torch.arange(grid_size, dtype=torch.float64)
@@ -102,7 +103,7 @@ def resolve_config(arch: Union[MAEConfig, str]) -> MAEConfig:
     if isinstance(arch, MAEConfig):
         return arch
     if arch not in MAE_ARCHS:
-        raise ValueError(f"arch must be one of {tuple(MAE_ARCHS)}, got {arch!r}")
+        raise InputError(f"arch must be one of {tuple(MAE_ARCHS)}, got {arch!r}")
     return MAE_ARCHS[arch]
 
 
@@ -110,7 +111,7 @@ def check_geometry(config: MAEConfig, geometry: PatchGeometry) -> None:
     """Raise ValueError unless images of ``geometry`` have the patch grid of an MAE of ``config``."""
     grid = config.grid_size
     if geometry.grid != (grid, grid) or geometry.channels != 3:
-        raise ValueError(
+        raise InputError(
             f"images of {geometry.height}x{geometry.width} pixels in {geometry.patch}-pixel patches "
             f"({geometry.grid[0]}x{geometry.grid[1]} patches, {geometry.channels} channels) do not fit "
             f"this MAE's {grid}x{grid} grid of RGB patches; quantize with grid {grid}"
@@ -283,24 +284,24 @@ def load_mae(checkpoint: str | os.PathLike, arch: Union[MAEConfig, str] = "large
     config = resolve_config(arch)
     path = str(checkpoint)
     if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r} does not exist")
+        raise InputError(f"checkpoint {path!r} does not exist")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a corrupt or foreign file can fail anywhere inside the unpickler
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"cannot read checkpoint {path!r}: {first_line}") from None
+        raise InputError(f"cannot read checkpoint {path!r}: {first_line}") from None
     state_dict = loaded.get("model", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state_dict, dict) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
-        raise ValueError(f"checkpoint {path!r} holds no MAE state dict (expected {{'model': state_dict}})")
+        raise InputError(f"checkpoint {path!r} holds no MAE state dict (expected {{'model': state_dict}})")
     if "blocks.0.attn.qkv.weight" in state_dict and "decoder_pred.weight" not in state_dict:
-        raise ValueError(f"checkpoint {path!r} holds an MAE encoder only; reconstruction needs the decoder "
+        raise InputError(f"checkpoint {path!r} holds an MAE encoder only; reconstruction needs the decoder "
                          "too (MAE's 'visualize' checkpoints)")
     model = MaskedAutoencoder(config, device="meta").to_empty(device="cpu")
     _load_state_dict_strictly(model, state_dict, f"MAE {arch if isinstance(arch, str) else config}", path)
     for name, dim in (("pos_embed", config.embed_dim), ("decoder_pos_embed", config.decoder_embed_dim)):
         error = (getattr(model, name)[0] - mae_sincos_pos_embed(dim, config.grid_size)).abs().max().item()
         if error > 1e-5:
-            raise ValueError(f"checkpoint {path!r}: {name} is not MAE's fixed 2-D sin-cos embedding "
+            raise InputError(f"checkpoint {path!r}: {name} is not MAE's fixed 2-D sin-cos embedding "
                              f"(max difference {error:.3g})")
     return model.to(resolve_device(device)).eval()
 
@@ -360,7 +361,7 @@ def output_paths(store: PatchStore) -> list[str]:
     seen: dict[str, int] = {}
     for row, path in enumerate(paths):
         if path in seen:
-            raise ValueError(f"stored images {seen[path]} and {row} would both be written to {path!r}")
+            raise InputError(f"stored images {seen[path]} and {row} would both be written to {path!r}")
         seen[path] = row
     return paths
 
@@ -393,7 +394,7 @@ def reconstruct_store(store: str | os.PathLike, checkpoint: str | os.PathLike, o
     out_dir = check_empty_destination(out_dir, "output directory")
     paths = output_paths(patch_store)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     check_geometry(resolve_config(arch), patch_store.geometry)  # before reading a large checkpoint
     mae = load_mae(checkpoint, arch, device)
     started = time.perf_counter()

@@ -33,6 +33,8 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from dqkernels.core.errors import InputError
+
 STORE_FORMAT = "dqkernels.patches"
 STORE_VERSION = 1
 HEADER_FILE = "header.json"
@@ -57,9 +59,9 @@ class PatchGeometry:
         for name in ("height", "width", "patch", "channels"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
         if self.height % self.patch or self.width % self.patch:
-            raise ValueError(
+            raise InputError(
                 f"image size {self.height}x{self.width} is not a multiple of the patch size {self.patch}"
             )
 
@@ -131,7 +133,7 @@ def check_empty_destination(path: str | os.PathLike, what: str) -> Path:
     """Raise ValueError unless ``path`` is missing or an empty directory; returns it as a Path."""
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ValueError(f"{what} {str(path)!r} already exists and is not empty")
+        raise InputError(f"{what} {str(path)!r} already exists and is not empty")
     return path
 
 
@@ -197,13 +199,13 @@ class PatchStoreWriter:
         geometry = self.geometry
         expected = (geometry.height, geometry.width, geometry.channels)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
-            raise ValueError(
+            raise InputError(
                 f"images must be uint8 of shape (B, {', '.join(map(str, expected))}), "
                 f"got {images.dtype} {images.shape}"
             )
         batch = images.shape[0]
         if keep_mask.dtype != np.bool_ or keep_mask.shape != (batch, geometry.num_patches):
-            raise ValueError(
+            raise InputError(
                 f"keep_mask must be bool of shape ({batch}, {geometry.num_patches}), "
                 f"got {keep_mask.dtype} {keep_mask.shape}"
             )
@@ -211,19 +213,19 @@ class PatchStoreWriter:
         if labels is not None:
             labels = _as_int64(labels, (batch,), "labels")
         if items is not None and len(items) != batch:
-            raise ValueError(f"items must name {batch} images, got {len(items)}")
+            raise InputError(f"items must name {batch} images, got {len(items)}")
         if self._with_labels is not None and (labels is not None) != self._with_labels:
-            raise ValueError("labels must be given for every batch or for none")
+            raise InputError("labels must be given for every batch or for none")
         if self._with_items is not None and (items is not None) != self._with_items:
-            raise ValueError("items must be given for every batch or for none")
+            raise InputError("items must be given for every batch or for none")
         start = self._images_written
         if start + batch > self.count:
-            raise ValueError(f"the store was opened for {self.count} images; {start + batch} appended")
+            raise InputError(f"the store was opened for {self.count} images; {start + batch} appended")
         kept_rows, kept_slots = np.nonzero(keep_mask)  # row-major: per image, ascending slots
         first = int(self._offsets[start])
         last = first + kept_rows.shape[0]
         if last > self.patch_count:
-            raise ValueError(f"the store was opened for {self.patch_count} patches; {last} appended")
+            raise InputError(f"the store was opened for {self.patch_count} patches; {last} appended")
 
         self._with_labels, self._with_items = labels is not None, items is not None
         self._patches[first:last] = patchify(images, geometry.patch)[kept_rows, kept_slots]
@@ -240,7 +242,7 @@ class PatchStoreWriter:
         """Check that everything announced was appended, write the header and move the store in place."""
         if self._images_written != self.count or self._offsets[-1] != self.patch_count:
             self.abort()
-            raise ValueError(
+            raise InputError(
                 f"the store was opened for {self.count} images and {self.patch_count} patches; got "
                 f"{self._images_written} images and {int(self._offsets[self._images_written])} patches"
             )
@@ -289,7 +291,7 @@ class PatchStoreWriter:
 def _as_int64(values, shape: tuple, name: str) -> np.ndarray:
     array = np.asarray(values)
     if array.shape != shape or not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"{name} must be integers of shape {shape}, got {array.dtype} {array.shape}")
+        raise InputError(f"{name} must be integers of shape {shape}, got {array.dtype} {array.shape}")
     return array.astype(np.int64)
 
 
@@ -300,7 +302,7 @@ def write_patch_store(out_dir: str | os.PathLike, images: np.ndarray, keep_mask:
     """Write a whole store at once (see :class:`PatchStoreWriter.append` for the arrays)."""
     images = np.asarray(images)
     if images.ndim != 4:
-        raise ValueError(f"images must be (N, H, W, C) uint8, got shape {images.shape}")
+        raise InputError(f"images must be (N, H, W, C) uint8, got shape {images.shape}")
     geometry = PatchGeometry(images.shape[1], images.shape[2], patch, images.shape[3])
     keep_mask = np.asarray(keep_mask)
     with PatchStoreWriter(out_dir, geometry, images.shape[0], int(keep_mask.sum()),
@@ -321,15 +323,15 @@ class PatchStore:
         self.path = Path(path)
         header_path = self.path / HEADER_FILE
         if not self.path.is_dir():
-            raise ValueError(f"patch store {str(self.path)!r} is not a directory")
+            raise InputError(f"patch store {str(self.path)!r} is not a directory")
         try:
             header = json.loads(header_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{str(self.path)!r} is not a patch store: cannot read {HEADER_FILE} ({error})") from None
+            raise InputError(f"{str(self.path)!r} is not a patch store: cannot read {HEADER_FILE} ({error})") from None
         if not isinstance(header, dict) or header.get("format") != STORE_FORMAT:
-            raise ValueError(f"{str(header_path)!r} is not a {STORE_FORMAT} header")
+            raise InputError(f"{str(header_path)!r} is not a {STORE_FORMAT} header")
         if header.get("version") != STORE_VERSION:
-            raise ValueError(f"patch store {str(self.path)!r} has version {header.get('version')!r}; "
+            raise InputError(f"patch store {str(self.path)!r} has version {header.get('version')!r}; "
                              f"this library reads version {STORE_VERSION}")
         self.header = header
         self.geometry = PatchGeometry(**header["geometry"])
@@ -344,16 +346,16 @@ class PatchStore:
         self.class_names = header.get("class_names")
         self.keep_counts = np.diff(self._offsets)
         if self._offsets[0] != 0 or self._offsets[-1] != patch_count or np.any(self.keep_counts < 0):
-            raise ValueError(f"{str(self.path / files['offsets'])!r} does not partition the {patch_count} patches")
+            raise InputError(f"{str(self.path / files['offsets'])!r} does not partition the {patch_count} patches")
 
     def _array(self, name: str, shape: tuple, dtype, mmap: bool = False) -> np.ndarray:
         path = self.path / name
         try:
             array = np.load(path, mmap_mode="r" if mmap else None)
         except (OSError, ValueError, EOFError) as error:
-            raise ValueError(f"patch store file {str(path)!r} is missing or unreadable ({error})") from None
+            raise InputError(f"patch store file {str(path)!r} is missing or unreadable ({error})") from None
         if array.shape != shape or array.dtype != dtype:
-            raise ValueError(f"patch store file {str(path)!r} holds {array.dtype} {array.shape}, "
+            raise InputError(f"patch store file {str(path)!r} holds {array.dtype} {array.shape}, "
                              f"expected {np.dtype(dtype)} {shape}")
         return array
 
@@ -363,9 +365,9 @@ class PatchStore:
             with open(path, encoding="utf-8") as handle:
                 items = [json.loads(line) for line in handle]
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"patch store file {str(path)!r} is missing or unreadable ({error})") from None
+            raise InputError(f"patch store file {str(path)!r} is missing or unreadable ({error})") from None
         if len(items) != count:
-            raise ValueError(f"patch store file {str(path)!r} names {len(items)} images, expected {count}")
+            raise InputError(f"patch store file {str(path)!r} names {len(items)} images, expected {count}")
         return items
 
     def __len__(self) -> int:
@@ -379,7 +381,7 @@ class PatchStore:
         """The images at store positions ``rows`` (a sequence of ints or a slice), dense."""
         rows = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
         if rows.ndim != 1 or (rows.size and (rows.min() < 0 or rows.max() >= len(self))):
-            raise ValueError(f"rows must be positions in [0, {len(self)}), got {rows!r}")
+            raise InputError(f"rows must be positions in [0, {len(self)}), got {rows!r}")
         starts, counts = self._offsets[rows], self.keep_counts[rows]
         image_of = np.repeat(np.arange(rows.shape[0]), counts)
         # stored patch numbers of every requested image, concatenated without a Python loop
@@ -408,6 +410,6 @@ class PatchStore:
     def batches(self, batch_size: int) -> Iterator[PatchBatch]:
         """Stream the store in order, ``batch_size`` images at a time."""
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         for start in range(0, len(self), batch_size):
             yield self.batch(slice(start, start + batch_size))

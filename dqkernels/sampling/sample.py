@@ -1,4 +1,4 @@
-"""Uniform sampling of a keep ratio from every bin (SPEC §3)."""
+"""Uniform sampling of a keep ratio from every bin (docs/method.md §3)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from dqkernels.core.atomic import atomic_output
+from dqkernels.core.errors import InputError
 from dqkernels.core.validate import as_choice, as_labels, as_ratio
 
 ALLOCATIONS = ("exact", "official")
@@ -79,7 +80,7 @@ def sample_bins(result, ratio: float, seed: int = 0, labels=None, allocation: st
     ratio = as_ratio(ratio)
     as_choice(allocation, ALLOCATIONS, "allocation")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
     m = len(result.order)
     if labels is None:
         labels = getattr(result, "labels", None)

@@ -1,4 +1,4 @@
-"""DQ-V2 from files (SPEC §5): Tobias images enlarge the pool, which is binned and sampled.
+"""DQ-V2 from files (docs/method.md §5): Tobias images enlarge the pool, which is binned and sampled.
 
     dqk v2 --images data/train --mix 0.5 --bins 10 --ratio 0.1 -o v2_out
 
@@ -12,7 +12,7 @@ replaces it in one rename at the end, so a failed run leaves nothing behind. ``o
 * ``recipes.npz`` — ``base``, ``partner`` (−1: no swap), ``key``: (T,) int64 each, the recipe of
   every Tobias image (regenerate with :func:`dqkernels.v2.tobias.render`), and ``meta`` (JSON);
 * ``pool_features.npy`` (N+T, D) float32 and ``pool_labels.npy`` (N+T,) int64 (when labelled);
-* ``bins.npz`` and ``subset.npy`` + ``subset.json``: bins and the sampled pool ids (SPEC §1–3);
+* ``bins.npz`` and ``subset.npy`` + ``subset.json``: bins and the sampled pool ids (docs/method.md §1–3);
 * ``subset/`` — the chosen samples in the input's format: an image folder gets the chosen
   originals copied to ``subset/<class>/...`` and the chosen Tobias images as
   ``subset/<class>/tobias_<pool id>.png``; an image array gets ``subset/<input file name>`` with
@@ -39,6 +39,7 @@ import numpy as np
 
 from dqkernels import pipeline
 from dqkernels.core.atomic import atomic_output, save_npy, write_json, write_lines
+from dqkernels.core.errors import InputError
 from dqkernels.core.fingerprint import (
     fingerprint_arrays,
     fingerprint_file,
@@ -111,7 +112,7 @@ class _ImageSource:
             self.channels = 1 if self.array.ndim == 3 else int(self.array.shape[3])
             self.fingerprint = fingerprint_arrays(self.array, self.labels)
         else:
-            raise ValueError(f"dqk v2 needs images (an image folder or a .npy/.npz array), not {self.kind} data")
+            raise InputError(f"dqk v2 needs images (an image folder or a .npy/.npz array), not {self.kind} data")
 
     def read(self, rows) -> list:
         """Images at ``rows`` ((B,) int64) at their own size: list of (C, H, W) tensors."""
@@ -129,7 +130,7 @@ class _ImageSource:
                 with Image.open(file) as image:
                     pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-                raise ValueError(f"cannot read image {str(file)!r}: {type(error).__name__}: {error}") from None
+                raise InputError(f"cannot read image {str(file)!r}: {type(error).__name__}: {error}") from None
             images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
         return images
 
@@ -199,11 +200,11 @@ def _load_stored_masks(path: Path, source: _ImageSource, grid: int) -> tuple[np.
             masks = archive["masks"]
             meta = json.loads(str(archive["meta"]))
     except (OSError, KeyError, ValueError, EOFError) as error:
-        raise ValueError(f"{str(path)!r} is not a masks file written by dqk v2 ({error})") from None
+        raise InputError(f"{str(path)!r} is not a masks file written by dqk v2 ({error})") from None
     if meta.get("input_fingerprint") != source.fingerprint:
-        raise ValueError(f"masks {str(path)!r} were computed for other images than {str(source.path)!r}")
+        raise InputError(f"masks {str(path)!r} were computed for other images than {str(source.path)!r}")
     if masks.dtype != bool or masks.shape != (source.count, grid, grid):
-        raise ValueError(
+        raise InputError(
             f"masks {str(path)!r} have shape {masks.shape} {masks.dtype}; expected "
             f"({source.count}, {grid}, {grid}) bool for --grid {grid}"
         )
@@ -249,26 +250,26 @@ def _check_options(mix, bins, ratio, grid, cell_px, bg_prob, mask_model, mask_ch
                    mask_px, batch_size, metric, allocation, seed) -> None:
     """Raise ValueError naming the first bad option, before any work is done."""
     if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not (mix >= 0 and math.isfinite(mix)):
-        raise ValueError(f"mix must be a finite number >= 0, got {mix!r}")
+        raise InputError(f"mix must be a finite number >= 0, got {mix!r}")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+        raise InputError(f"ratio must be in (0, 1], got {ratio!r}")
     if isinstance(bg_prob, bool) or not isinstance(bg_prob, (int, float)) or not 0 <= bg_prob <= 1:
-        raise ValueError(f"bg_prob must be in [0, 1], got {bg_prob!r}")
+        raise InputError(f"bg_prob must be in [0, 1], got {bg_prob!r}")
     integers = [("bins", bins, 1), ("grid", grid, 1), ("mask_epochs", mask_epochs, 1),
                 ("mask_px", mask_px, 32), ("batch_size", batch_size, 1), ("seed", seed, 0)]
     if cell_px is not None:
         integers.append(("cell_px", cell_px, 1))
     for name, value, low in integers:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
     if mask_model not in MASK_MODELS:
-        raise ValueError(f"mask_model must be one of {', '.join(MASK_MODELS)}, got {mask_model!r}")
+        raise InputError(f"mask_model must be one of {', '.join(MASK_MODELS)}, got {mask_model!r}")
     if mask_checkpoint is not None and mask_model == "early":
-        raise ValueError("a mask checkpoint and mask_model 'early' exclude each other")
+        raise InputError("a mask checkpoint and mask_model 'early' exclude each other")
     if metric not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        raise InputError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+        raise InputError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
 
 
 def run_v2(
@@ -322,7 +323,7 @@ def run_v2(
     check_model_name(model)
     source = _ImageSource(Path(images).resolve())
     if mask_model == "early" and masks is None and source.labels is None:
-        raise ValueError("mask_model 'early' trains on labels; these images have none")
+        raise InputError("mask_model 'early' trains on labels; these images have none")
     cell_px = cell_px or tobias.default_cell_px(grid)
     side = grid * cell_px
     started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Tobias semantic background swap (SPEC §5), the augmentation DQ-V2 uses instead of MAE.
+"""Tobias semantic background swap (docs/method.md §5), the augmentation DQ-V2 uses instead of MAE.
 
 An image is cut into a ``grid × grid`` raster of cells. A ResNet-50 — randomly initialised
 (seeded), early-trained on the data, or given — scores every cell by the channel sum of its
@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+
+from dqkernels.core.errors import InputError
 
 MASK_MODEL_NAME = "resnet50"
 MASK_INPUT_PX = 224
@@ -125,11 +127,11 @@ def train_mask_model(
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     count = _image_count(images)
     if labels.shape != (count,):
-        raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({count},)")
+        raise InputError(f"labels have shape {tuple(labels.shape)}, expected ({count},)")
     if count < 2:
-        raise ValueError("an early-trained mask model needs at least 2 images")
+        raise InputError("an early-trained mask model needs at least 2 images")
     if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+        raise InputError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     device = resolve_device(device)
     model = random_mask_model(seed, num_classes=int(labels.max()) + 1).to(device)
     torch_optimizer = create_optimizer_v2(model, opt=optimizer, lr=lr, weight_decay=weight_decay)
@@ -163,7 +165,7 @@ def cell_scores(model, batch, grid: int = DEFAULT_GRID, input_px: int = MASK_INP
     with torch.inference_mode():
         feature_map = model.forward_features(_model_inputs(batch, model, input_px, device))
         if feature_map.ndim != 4:
-            raise ValueError(
+            raise InputError(
                 f"the mask model's forward_features gives shape {tuple(feature_map.shape)}; "
                 "a (B, C, h, w) feature map is needed (a CNN such as a ResNet)"
             )
@@ -211,9 +213,9 @@ def object_masks(
     from dqkernels.features.image import resolve_device
 
     if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 1:
-        raise ValueError(f"grid must be an integer >= 1, got {grid!r}")
+        raise InputError(f"grid must be an integer >= 1, got {grid!r}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     model = (random_mask_model(seed) if model is None else model).to(resolve_device(device)).eval()
     count = _image_count(images)
     masks = np.empty((count, grid, grid), dtype=bool)
@@ -261,7 +263,7 @@ def choose_bases(n_images: int, mix: float, seed: int = 0) -> np.ndarray:
     image is a base ⌊mix⌋ or ⌈mix⌉ times.
     """
     if not (mix >= 0 and math.isfinite(mix)):
-        raise ValueError(f"mix must be a finite number >= 0, got {mix!r}")
+        raise InputError(f"mix must be a finite number >= 0, got {mix!r}")
     total = round(mix * n_images)
     rng = np.random.default_rng(seed)
     rounds = -(-total // n_images) if n_images else 0
@@ -281,15 +283,15 @@ def draw_recipes(
     """
     bases = np.asarray(bases, dtype=np.int64)
     if bases.ndim != 1 or (bases.size and (bases.min() < 0 or bases.max() >= n_images)):
-        raise ValueError(f"bases must be a 1-D array of ids in [0, {n_images})")
+        raise InputError(f"bases must be a 1-D array of ids in [0, {n_images})")
     if not 0.0 <= bg_prob <= 1.0:
-        raise ValueError(f"bg_prob must be in [0, 1], got {bg_prob!r}")
+        raise InputError(f"bg_prob must be in [0, 1], got {bg_prob!r}")
     rng = np.random.default_rng(seed)
     if partners is None:
         partners = rng.integers(0, n_images, size=bases.shape[0], dtype=np.int64)
     partners = np.asarray(partners, dtype=np.int64)
     if partners.shape != bases.shape or (partners.size and (partners.min() < 0 or partners.max() >= n_images)):
-        raise ValueError(f"partners must be {bases.shape[0]} ids in [0, {n_images})")
+        raise InputError(f"partners must be {bases.shape[0]} ids in [0, {n_images})")
     swapped = rng.random(bases.shape[0]) < bg_prob
     keys = rng.integers(0, np.iinfo(np.int64).max, size=bases.shape[0], dtype=np.int64)
     return TobiasRecipes(bases.copy(), np.where(swapped, partners, NO_PARTNER), keys)
@@ -326,7 +328,7 @@ def _as_mask_tensor(masks, device):
     if not isinstance(masks, torch.Tensor):
         masks = torch.from_numpy(np.asarray(masks))
     if masks.ndim != 3 or masks.shape[1] != masks.shape[2] or masks.dtype != torch.bool:
-        raise ValueError(f"masks must be (N, grid, grid) bool, got {tuple(masks.shape)} {masks.dtype}")
+        raise InputError(f"masks must be (N, grid, grid) bool, got {tuple(masks.shape)} {masks.dtype}")
     return masks.to(device)
 
 
@@ -348,15 +350,15 @@ def swap_backgrounds(base_images, base_masks, partner_images, partner_masks, key
     partner_masks = _as_mask_tensor(partner_masks, device)
     grid = base_masks.shape[-1]
     if partner_images.shape != base_images.shape or base_images.shape[-2] != side or side % grid:
-        raise ValueError(
+        raise InputError(
             f"base and partner images must both be (B, C, S, S) with S a multiple of the grid {grid}; "
             f"got {tuple(base_images.shape)} and {tuple(partner_images.shape)}"
         )
     if base_masks.shape != (batch, grid, grid) or partner_masks.shape != (batch, grid, grid):
-        raise ValueError(f"masks must be ({batch}, {grid}, {grid}) for {batch} images")
+        raise InputError(f"masks must be ({batch}, {grid}, {grid}) for {batch} images")
     foreground = torch.cat([base_masks, partner_masks]).reshape(2 * batch, -1).sum(dim=1)
     if batch and not bool((foreground == foreground[0]).all()):
-        raise ValueError("every mask must have the same number of foreground cells")
+        raise InputError("every mask must have the same number of foreground cells")
     n_background = grid * grid - (int(foreground[0]) if batch else 0)
     cell = side // grid
 
@@ -412,7 +414,7 @@ def render(recipes: TobiasRecipes, images, masks, *, cell_px: Optional[int] = No
 
     masks = _as_mask_tensor(masks, images.device)
     if masks.shape[0] != images.shape[0]:
-        raise ValueError(f"{masks.shape[0]} masks for {images.shape[0]} images")
+        raise InputError(f"{masks.shape[0]} masks for {images.shape[0]} images")
     grid = masks.shape[-1]
     side = grid * (cell_px or default_cell_px(grid))
     base = torch.as_tensor(recipes.base, device=images.device)

@@ -1,4 +1,4 @@
-"""Fused greedy step of GraphCut bin generation (SPEC §1) in Triton, batched over problems.
+"""Fused greedy step of GraphCut bin generation (docs/method.md §1) in Triton, batched over problems.
 
 One step for every problem p at once, in two launches and without a host sync:
   1. grid (P, blocks): mark the last pick taken, score += 2δ with δ(x) = n_x + n_pick − 2·G[pick, x]
@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from dqkernels.core.errors import InputError
 
 
 @triton.jit
@@ -90,7 +92,7 @@ class GraphcutStepTriton:
         in place; returns the next pick (P,) int64."""
         for name, tensor in (("gram", gram), ("norms", norms), ("score", score), ("pool", pool)):
             if not tensor.is_contiguous():
-                raise ValueError(f"{name} must be contiguous")
+                raise InputError(f"{name} must be contiguous")
         _update_block_argmax[(self.n_problems, self.n_blocks)](
             gram, norms, score, pool.view(torch.uint8), pick.contiguous(),
             active.to(torch.uint8), self.block_max, self.block_pos,
