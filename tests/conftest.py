@@ -3,6 +3,14 @@ import secrets
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests: a fixed, reproducible sample in CI (DQK_HYPOTHESIS=explore draws fresh examples).
+settings.register_profile(
+    "ci", derandomize=True, max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("explore", max_examples=1000, deadline=None)
+settings.load_profile(os.environ.get("DQK_HYPOTHESIS", "ci"))
 
 try:
     import torch
