@@ -142,7 +142,12 @@ class GreedyBins {
         break;
       }
       if (size == 0) continue;
-      run_bin(size, p_.order_out + written);
+      if (!run_bin(size, p_.order_out + written)) {
+        // A score was NaN or no pool sample had a valid score: the output is marked invalid
+        // (all −1) rather than filled with a wrong order; the caller checks it and raises.
+        for (int64_t i = 0; i < n; ++i) p_.order_out[i] = -1;
+        return;
+      }
       written += size;
     }
   }
@@ -286,7 +291,8 @@ class GreedyBins {
     return first_at_value(score, lo, hi, best);
   }
 
-  void run_bin(int64_t size, int64_t* picks_out) {
+  // Picks one bin; false when the scores stopped being comparable (a NaN, or nothing to pick).
+  bool run_bin(int64_t size, int64_t* picks_out) {
     const int64_t r = static_cast<int64_t>(pool_.size());
     std::vector<double> c2;
     init_pool_c2(c2);
@@ -314,6 +320,8 @@ class GreedyBins {
     // cannot overwrite buffer k before every thread has passed the barrier of the step after it.
     std::vector<ArgmaxPartial> partials(2 * n_threads);
     const int64_t first_pos = argmax_range(score.data(), 0, r).position;
+    if (first_pos < 0) return false;
+    bool no_pick = false;
 
 #pragma omp parallel num_threads(n_threads) if (parallel)
     {
@@ -322,6 +330,11 @@ class GreedyBins {
       const int64_t lo = r * tid / nt, hi = r * (tid + 1) / nt;
       int64_t pick_pos = first_pos;
       for (int64_t step = 0; step < size; ++step) {
+        // Every thread reduces the same partials, so all of them leave here together.
+        if (pick_pos < 0) {
+          if (tid == 0) no_pick = true;
+          break;
+        }
         const int64_t pick = pool_[pick_pos];
         if (tid == 0) picks_out[step] = pick;
         if (pick_pos >= lo && pick_pos < hi) score[pick_pos] = kTaken;
@@ -332,6 +345,10 @@ class GreedyBins {
         pick_pos = reduce_argmax(step_partials, nt);
       }
     }
+    if (no_pick) return false;
+    // A NaN score never wins a comparison, so it would be skipped silently: refuse instead.
+    for (int64_t i = 0; i < r; ++i)
+      if (std::isnan(score[i])) return false;
     if (c2_running) {
       running_c2_.resize(p_.n);
       for (int64_t i = 0; i < r; ++i) running_c2_[pool_[i]] = c2[i];
@@ -341,6 +358,7 @@ class GreedyBins {
     for (int64_t i = 0; i < r; ++i)
       if (score[i] != kTaken) pool_[kept++] = pool_[i];
     pool_.resize(kept);
+    return kept == r - size;
   }
 
   ProblemView<T> p_;

@@ -13,3 +13,8 @@ class InputError(ValueError):
 
 class InputTypeError(InputError, TypeError):
     """An argument of the wrong type. Still a ``TypeError`` for callers that catch that."""
+
+
+class EngineError(RuntimeError):
+    """An engine produced an invalid result (not a partition, a non-finite score). A bug: the
+    result is discarded and the message names the engine."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from pathlib import Path
 from typing import NamedTuple
@@ -34,8 +35,10 @@ def source_dtype_name(value) -> str:
 def as_float_matrix(value, name: str) -> np.ndarray:
     """A (M, d) floating numpy view of a numpy array or torch tensor, finite, non-empty.
 
-    float16 and bfloat16 are widened to float32; float32/float64 are returned without a copy
-    when possible. Raises TypeError for non-floating data, ValueError for bad shapes or values.
+    numpy arrays of float16/32/64 in either byte order (memory maps included) are returned as
+    they are, never copied: the working copy is made from them chunk by chunk. Torch tensors are
+    viewed through numpy (bfloat16, which numpy lacks, is widened to float32 first).
+    Raises InputTypeError for non-floating data, InputError for bad shapes or values.
     """
     if type(value).__module__.startswith("torch"):
         import torch
@@ -43,15 +46,14 @@ def as_float_matrix(value, name: str) -> np.ndarray:
         tensor = value.detach()
         if not torch.is_floating_point(tensor):
             raise InputTypeError(f"{name} must be a floating tensor, got {tensor.dtype}")
-        if tensor.dtype in (torch.float16, torch.bfloat16):
+        if tensor.dtype == torch.bfloat16:
             tensor = tensor.float()
         value = tensor.cpu().numpy()
     array = np.asarray(value)
     if array.dtype.kind != "f":
         raise InputTypeError(f"{name} must hold floating-point numbers, got dtype {array.dtype}")
-    if array.dtype == np.float16:
-        array = array.astype(np.float32)
-    elif array.dtype not in (np.float32, np.float64):
+    if array.dtype.itemsize > 8:
+        # Extended precision has no engine; it is the one case copied whole (to float64).
         array = array.astype(np.float64)
     if array.ndim != 2:
         raise InputError(f"{name} must be a 2-D (samples, dims) array, got shape {array.shape}")
@@ -86,6 +88,19 @@ def as_positive_int(value, name: str) -> int:
     if value < 1:
         raise InputError(f"{name} must be >= 1, got {value}")
     return int(value)
+
+
+def as_positive_float(value, name: str) -> float:
+    """A finite float > 0 from a Python or numpy real number (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputTypeError(f"{name} must be a finite number > 0, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise InputError(f"{name} must be a finite number > 0, got {value!r}") from None
+    if not (math.isfinite(number) and number > 0):
+        raise InputError(f"{name} must be a finite number > 0, got {value!r}")
+    return number
 
 
 def as_ratio(value, name: str = "ratio") -> float:

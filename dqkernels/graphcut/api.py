@@ -13,23 +13,26 @@ import numpy as np
 
 from dqkernels.core.atomic import atomic_output
 from dqkernels.core.checksum import features_checksum
-from dqkernels.core.errors import InputError
+from dqkernels.core.errors import EngineError, InputError
 from dqkernels.core.validate import (
     GradEmbedding,
     as_choice,
     as_float_matrix,
     as_labels,
+    as_positive_float,
     as_positive_int,
     source_dtype_name,
 )
 from dqkernels.core.version import __version__
 from dqkernels.graphcut import reference
+from dqkernels.graphcut.prepare import check_lam_fits, working_features
 from dqkernels.graphcut.sizes import bin_sizes_per_problem
 
 METRICS = ("cosine", "euclidean")
 BACKENDS = ("auto", "cpu", "torch", "triton", "reference")
 FORMS = ("auto", "gram", "stream")
 PRECISIONS = ("float32", "float64")
+MAX_THREADS = 1024
 # Below this many dims per sample a streaming step costs about as much as reading a Gram row,
 # and writing the n² Gram matrix dominates: at d = 64 the streaming form is the faster one from
 # M ≈ 8 000 on, at d = 512 the Gram form is 3-4× faster (benchmarks/RESULTS.md, scaling).
@@ -126,91 +129,6 @@ def default_memory_budget() -> int:
         return 2 << 30
 
 
-_CHUNK_ROWS = 1 << 14
-
-
-def _row_chunks(rows: np.ndarray):
-    for lo in range(0, len(rows), _CHUNK_ROWS):
-        yield lo, rows[lo : lo + _CHUNK_ROWS]
-
-
-def _unit_rows(block: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Rows of ``block`` scaled to unit length, in the block's own precision (float64 norms).
-
-    ids: the rows' sample ids, to name an all-zero row in the error.
-    """
-    squared = np.einsum("ij,ij->i", block, block, dtype=np.float64)
-    if not np.isfinite(squared).all() or (squared < 1e-280).any():
-        # Huge or tiny rows: scale by the largest entry first, in float64.
-        block = block.astype(np.float64)
-        peak = np.abs(block).max(axis=1)
-        if (peak == 0).any():
-            raise InputError(
-                f"features: row {int(ids[np.flatnonzero(peak == 0)[0]])} is all zeros; cosine "
-                "needs non-zero rows (use metric='euclidean')"
-            )
-        block /= peak[:, None]
-        squared = np.einsum("ij,ij->i", block, block)
-    return block * (1.0 / np.sqrt(squared)).astype(block.dtype)[:, None]
-
-
-def _working_features(features, metric: str, perm: np.ndarray, problem_offsets, dtype):
-    """Rows as the engine sees them, in problem order: x[i] = transform(features[perm[i]]).
-
-    Plain features: cosine rows are L2-normalised; every problem is then centred on its own mean
-    (distances do not change, and float32 Gram entries lose no digits to a common offset).
-    Gradient embeddings: cosine scales δ_i by 1/‖g_i‖ (g is linear in δ).
-    Works on row chunks, so only the working copy (M×d in ``dtype``) is allocated whole:
-    memory-mapped inputs larger than RAM are streamed, never copied.
-    Returns (x, embed or None).
-    """
-    if isinstance(features, GradEmbedding):
-        delta = features.delta[perm].astype(np.float64)
-        embed = features.embed[perm].astype(np.float64)
-        if metric == "cosine":
-            norms = np.sqrt(
-                np.einsum("ij,ij->i", delta, delta) * (1.0 + np.einsum("ij,ij->i", embed, embed))
-            )
-            zero = np.flatnonzero(norms == 0)
-            if len(zero):
-                raise InputError(
-                    f"features: gradient embedding of row {int(perm[zero[0]])} is zero; "
-                    "cosine needs non-zero rows (use metric='euclidean')"
-                )
-            delta /= norms[:, None]
-        return np.ascontiguousarray(delta, dtype=dtype), np.ascontiguousarray(embed, dtype=dtype)
-
-    x = np.empty(features.shape, dtype=dtype)
-    largest = 0.0
-    for lo, hi in zip(problem_offsets[:-1], problem_offsets[1:]):
-        members = perm[lo:hi]
-        total = np.zeros(features.shape[1])
-        if metric == "cosine":
-            # Unit rows are bounded by 1, so centring them in the working precision loses
-            # nothing beyond the final rounding.
-            for start, ids in _row_chunks(members):
-                unit = _unit_rows(features[ids].astype(np.promote_types(features.dtype, dtype)), ids)
-                total += unit.sum(axis=0, dtype=np.float64)
-                x[lo + start : lo + start + len(ids)] = unit
-            x[lo:hi] -= (total / len(members)).astype(dtype)
-            continue
-        for _, ids in _row_chunks(members):
-            total += features[ids].sum(axis=0, dtype=np.float64)
-        mean = total / len(members)
-        for start, ids in _row_chunks(members):
-            block = features[ids].astype(np.float64) - mean
-            with np.errstate(over="ignore"):
-                largest = max(largest, float(np.einsum("ij,ij->i", block, block).max()))
-            x[lo + start : lo + start + len(ids)] = block
-    # δ = n_x + n_p − 2·f_x·f_p and the running sums must stay finite in the working dtype.
-    if not largest * 4 * len(x) < float(np.finfo(dtype).max):
-        raise InputError(
-            f"features: values too large for {np.dtype(dtype).name} arithmetic "
-            f"(largest squared norm {largest:.3g}); rescale them or pass precision='float64'"
-        )
-    return x, None
-
-
 def graphcut_bins(
     features,
     bins: int = 10,
@@ -250,9 +168,7 @@ def graphcut_bins(
     as_choice(backend, BACKENDS, "backend")
     as_choice(form, FORMS, "form")
     device = _resolve_device(device, backend)
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not np.isfinite(lam) or lam <= 0:
-        raise InputError(f"lam must be a finite number > 0, got {lam!r}")
-    lam = float(lam)
+    lam = as_positive_float(lam, "lam")
 
     if isinstance(features, GradEmbedding):
         delta = as_float_matrix(features.delta, "features.delta")
@@ -274,13 +190,18 @@ def graphcut_bins(
     n_bins, precision = bins_and_precision(bins, m, precision, input_dtype)
     if memory_budget is None:
         memory_budget = default_memory_budget()
+    else:
+        memory_budget = as_positive_int(memory_budget, "memory_budget")
     if threads is not None:
-        as_positive_int(threads, "threads")
+        threads = as_positive_int(threads, "threads")
+        if threads > MAX_THREADS:
+            raise InputError(f"threads must be at most {MAX_THREADS}, got {threads}")
 
     label_array, perm, bin_sizes, offsets = problem_layout(labels, m, n_bins, sizes)
 
     dtype = np.float32 if precision == "float32" else np.float64
-    x, embed_work = _working_features(user_features, metric, perm, offsets, dtype)
+    x, embed_work = working_features(user_features, metric, perm, offsets, dtype)
+    check_lam_fits(lam, x, embed_work, offsets)
 
     if backend == "reference":
         local_order = _run_reference(x, embed_work, offsets, bin_sizes, lam)
@@ -309,6 +230,7 @@ def graphcut_bins(
         used_backend = "cpu"
         used_form = "+".join(sorted({"gram" if g else "stream" for g in use_gram.tolist()}))
 
+    check_engine_order(local_order, offsets, used_backend)
     order, bin_offsets = _assemble(local_order, perm, offsets, bin_sizes)
     meta = {
         "metric": metric,
@@ -336,7 +258,7 @@ def bins_and_precision(bins, m: int, precision, input_dtype) -> tuple:
     if n_bins > m:
         raise InputError(f"bins={n_bins} is more than the number of samples ({m})")
     if precision is None:
-        precision = "float64" if input_dtype == np.float64 else "float32"
+        precision = "float64" if np.dtype(input_dtype).itemsize >= 8 else "float32"
     as_choice(precision, PRECISIONS, "precision")
     return n_bins, precision
 
@@ -420,3 +342,28 @@ def _assemble(local_order, perm, offsets, bin_sizes):
     order = np.concatenate(pieces).astype(np.int64)
     bin_offsets = np.concatenate([[0], np.cumsum(bin_sizes.sum(axis=0))]).astype(np.int64)
     return order, bin_offsets
+
+
+def check_engine_order(local_order: np.ndarray, offsets: np.ndarray, backend: str) -> None:
+    """O(M) self-check of an engine's output: each problem's slice of ``local_order`` must be a
+    permutation of its local ids 0..n-1. Raises EngineError naming the engine otherwise — an
+    engine bug or scores that stopped being finite, never a result to return."""
+    local_order = np.asarray(local_order)
+    m = int(offsets[-1])
+    if local_order.shape != (m,):
+        raise EngineError(f"the {backend} engine returned {local_order.shape} ids for {m} samples")
+    sizes = np.diff(offsets)
+    problem = np.repeat(np.arange(len(sizes)), sizes)
+    local_size = sizes[problem]
+    valid = (local_order >= 0) & (local_order < local_size)
+    if valid.all():
+        seen = np.zeros(m, dtype=bool)
+        seen[offsets[:-1][problem] + local_order] = True
+        if seen.all():
+            return
+    bad = int(problem[np.flatnonzero(~valid)[0]]) if not valid.all() else None
+    where = f" (problem {bad})" if bad is not None else ""
+    raise EngineError(
+        f"the {backend} engine returned an order that is not a partition of the samples{where}: "
+        "its scores were not finite or it has a bug; the result was discarded"
+    )

@@ -51,14 +51,13 @@ from dqkernels.graphcut.api import (
     BinResult,
     _assemble,
     _choose_forms,
-    _row_chunks,
-    _unit_rows,
     _version,
-    _working_features,
     bins_and_precision,
     default_memory_budget,
     problem_layout,
 )
+from dqkernels.graphcut.prepare import power_of_two_exponent, unit_rows, working_features
+from dqkernels.graphcut.prepare import row_chunks as _row_chunks
 from dqkernels.graphcut.sizes import split_sizes
 
 MODES = ("auto", "classes", "rows")
@@ -363,7 +362,7 @@ def _class_working_rows(plan: _Plan, local_perm: np.ndarray, local_offsets: np.n
     """
     metric = plan.meta["metric"]
     if isinstance(plan.source, GradEmbedding):
-        x, embed = _working_features(plan.source, metric, local_perm, local_offsets, plan.dtype)
+        x, embed = working_features(plan.source, metric, local_perm, local_offsets, plan.dtype)
         _check_finite(x, local_perm)
         _check_finite(embed, local_perm)
         return x, embed
@@ -376,7 +375,7 @@ def _class_working_rows(plan: _Plan, local_perm: np.ndarray, local_offsets: np.n
                 f"features: row {int(local_perm[zero[0]])} is all zeros; cosine needs non-zero rows "
                 "(use metric='euclidean')"
             )
-    return _working_features(rows, metric, np.arange(len(rows)), local_offsets, plan.dtype)
+    return working_features(rows, metric, np.arange(len(rows)), local_offsets, plan.dtype)
 
 
 def _local_engine(x, embed, offsets, bin_sizes, lam, dtype, device, threads):
@@ -427,7 +426,7 @@ def _working_slice(source, metric, ids, problem_size, m_total, dtype, ranks):
             block = source[chunk]
             _check_finite(block, chunk)
             if metric == "cosine":
-                unit = _unit_rows(block.astype(np.promote_types(source.dtype, dtype)), chunk)
+                unit = unit_rows(block, chunk)
                 column_sum += unit.sum(axis=0, dtype=np.float64)
                 rows[start : start + len(chunk)] = unit
             else:
@@ -441,20 +440,16 @@ def _working_slice(source, metric, ids, problem_size, m_total, dtype, ranks):
     if metric == "cosine":
         rows[: len(ids)] -= mean.astype(dtype)
         return rows
-    largest = 0.0
+    # The problem's largest centred entry, over every rank, sets the exact power-of-two scale
+    # (as graphcut.prepare does in one process).
+    peak = 0.0
+    for _, chunk in _row_chunks(ids):
+        peak = max(peak, float(np.abs(source[chunk].astype(np.float64) - mean).max()))
+    peak_tensor = torch.tensor([peak], dtype=torch.float64, device=ranks.device)
+    ranks.all_reduce(peak_tensor, "comparing the rows' magnitudes", op="max")
+    exponent = power_of_two_exponent(float(peak_tensor.item()))
     for start, chunk in _row_chunks(ids):
-        block = source[chunk].astype(np.float64) - mean
-        with np.errstate(over="ignore"):
-            largest = max(largest, float(np.einsum("ij,ij->i", block, block).max()))
-        rows[start : start + len(chunk)] = block
-    largest_tensor = torch.tensor([largest], dtype=torch.float64, device=ranks.device)
-    ranks.all_reduce(largest_tensor, "comparing the rows' norms", op="max")
-    largest = float(largest_tensor.item())
-    if not largest * 4 * m_total < float(np.finfo(dtype).max):
-        raise InputError(
-            f"features: values too large for {np.dtype(dtype).name} arithmetic "
-            f"(largest squared norm {largest:.3g}); rescale them or pass precision='float64'"
-        )
+        rows[start : start + len(chunk)] = np.ldexp(source[chunk].astype(np.float64) - mean, exponent)
     return rows
 
 

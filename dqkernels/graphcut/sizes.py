@@ -67,8 +67,9 @@ def bin_sizes_per_problem(class_counts: np.ndarray, n_bins: int, rule) -> np.nda
         raise InputError("explicit sizes apply to global binning only (labels=None)")
     if len(explicit) != n_bins:
         raise InputError(f"sizes has {len(explicit)} entries but bins={n_bins}")
-    if (explicit < 0).any() or int(explicit.sum()) != int(class_counts[0]):
-        raise InputError(
-            f"sizes must be non-negative and sum to the number of samples ({int(class_counts[0])})"
-        )
-    return explicit.astype(np.int64)[None, :]
+    # Python integers: a sum of int64 sizes could wrap around and pass the check.
+    values = [int(v) for v in explicit.tolist()]
+    count = int(class_counts[0])
+    if any(v < 0 for v in values) or sum(values) != count:
+        raise InputError(f"sizes must be non-negative and sum to the number of samples ({count})")
+    return np.array(values, dtype=np.int64)[None, :]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dqkernels.core.validate import GradEmbedding, as_float_matrix
+from dqkernels.graphcut.prepare import gradient_unit_factors, power_of_two_exponent, unit_rows
 from dqkernels.graphcut.sizes import bin_sizes_per_problem
 
 
@@ -23,18 +24,26 @@ class ReplayReport:
 
 
 def _unit_rows(features, metric):
-    """Float64 rows as the metric sees them: (x, embed or None)."""
+    """Float64 rows as the metric sees them, scale-safe: (x, embed or None).
+
+    Cosine rows are normalised as the engines normalise them; euclidean rows (and δ) are
+    centred and multiplied by a power of two, which scales every distance alike and so changes
+    no pick and no relative gap, but keeps the squares finite for any finite input.
+    """
     if isinstance(features, GradEmbedding):
         delta = as_float_matrix(features.delta, "features.delta").astype(np.float64)
         embed = as_float_matrix(features.embed, "features.embed").astype(np.float64)
         if metric == "cosine":
-            norms = np.sqrt((delta**2).sum(1) * (1.0 + (embed**2).sum(1)))
-            delta = delta / norms[:, None]
+            delta *= gradient_unit_factors(delta, embed, np.arange(len(delta)))[:, None]
+        else:
+            delta = np.ldexp(delta, power_of_two_exponent(float(np.abs(delta).max())))
         return delta, embed
-    x = as_float_matrix(features, "features").astype(np.float64)
+    x = as_float_matrix(features, "features")
     if metric == "cosine":
-        x = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return x, None
+        return unit_rows(x, np.arange(len(x))), None
+    x = np.ldexp(x.astype(np.float64), power_of_two_exponent(float(np.abs(x).max())))
+    x -= x.mean(axis=0)
+    return np.ldexp(x, power_of_two_exponent(float(np.abs(x).max()))), None
 
 
 def _kernel_rows(x, embed, rows, cols):
