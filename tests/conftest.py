@@ -9,7 +9,9 @@ from hypothesis import HealthCheck, settings
 settings.register_profile(
     "ci", derandomize=True, max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
-settings.register_profile("explore", max_examples=1000, deadline=None)
+settings.register_profile(
+    "explore", max_examples=int(os.environ.get("DQK_HYPOTHESIS_EXAMPLES", "1000")), deadline=None
+)
 settings.load_profile(os.environ.get("DQK_HYPOTHESIS", "ci"))
 
 try:

@@ -29,3 +29,28 @@ def test_streaming_form_at_200k_samples_stays_small():
     assert report["sizes"] == [12, 12, 199_976]
     # Features (51 MB) plus the float64 working copy and the pool copy: well under 1 GB.
     assert report["peak_mb"] < 1024, report
+
+
+def test_byte_swapped_and_half_precision_memory_maps_are_converted_chunk_by_chunk(tmp_path):
+    # numpy reports its buffers to tracemalloc: the peak while binning must be one float32
+    # working copy (M×d×4 bytes) plus bounded chunk temporaries (about 20 MB), not a whole
+    # float64 (M×d×8) or float32 copy of the input on top of it.
+    import tracemalloc
+
+    import numpy as np
+
+    from dqkernels import graphcut_bins
+
+    m, d = 400_000, 32
+    x = np.random.default_rng(0).standard_normal((m, d))
+    working_copy = m * d * 4
+    for dtype in (">f4", "<f2", ">f2"):
+        path = tmp_path / f"features-{dtype.replace('>', 'be').replace('<', 'le')}.npy"
+        np.save(path, x.astype(dtype))
+        features = np.load(path, mmap_mode="r")
+        tracemalloc.start()
+        result = graphcut_bins(features, bins=3, sizes=[8, 8, m - 16], form="stream")
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert result.meta["precision"] == "float32", dtype
+        assert peak - working_copy < 32e6, (dtype, peak / working_copy)
