@@ -120,6 +120,9 @@ def as_choice(value, choices, name: str) -> str:
 
 def load_float_matrix(path: Path, what: str) -> np.ndarray:
     """Memory-map a 2-D floating-point ``.npy`` (any byte order, C or Fortran layout)."""
+    if not Path(path).is_file():
+        # A FIFO or device would block np.load forever; a folder gives an unhelpful message.
+        raise InputError(f"{what} {str(path)!r} is not a regular file")
     try:
         array = np.load(path, mmap_mode="r")
     except (OSError, ValueError, EOFError) as error:

@@ -426,7 +426,7 @@ def _working_slice(source, metric, ids, problem_size, m_total, dtype, ranks):
             block = source[chunk]
             _check_finite(block, chunk)
             if metric == "cosine":
-                unit = unit_rows(block, chunk)
+                unit = unit_rows(block, chunk, dtype)
                 column_sum += unit.sum(axis=0, dtype=np.float64)
                 rows[start : start + len(chunk)] = unit
             else:

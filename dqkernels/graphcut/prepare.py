@@ -21,6 +21,10 @@ from dqkernels.core.validate import GradEmbedding
 
 CHUNK_ROWS = 1 << 14
 
+# Squared row norms for which 1/‖row‖ and every product row·(1/‖row‖) stay normal numbers in
+# float32 as well as float64 (2^±180 leaves 2^±38 of room for the entries of the row).
+_ORDINARY_SQUARES = (2.0**-180, 2.0**180)
+
 # The engines keep scores in float64; λ·C2 must stay far below its largest value.
 _SCORE_LIMIT = 1e300
 
@@ -39,23 +43,53 @@ def power_of_two_exponent(peak: float) -> int:
     return -math.frexp(peak)[1]
 
 
-def unit_rows(block: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """(n, d) float64 rows of unit L2 norm, scale-safe for any finite input.
+def _times_power_of_two(values: np.ndarray, exponent: int) -> np.ndarray:
+    """values·2^exponent, exactly, in place where possible (a multiply while 2^exponent is a
+    normal float64, ``np.ldexp`` beyond)."""
+    if exponent == 0:
+        return values
+    if -1000 < exponent < 1000:
+        values *= 2.0**exponent
+        return values
+    return np.ldexp(values, exponent)
+
+
+def _compute_dtype(dtype, working_dtype) -> np.dtype:
+    """Native float32 or float64: the precision rows are normalised in before the working cast."""
+    return np.promote_types(np.dtype(dtype).newbyteorder("="), np.promote_types(working_dtype, np.float32))
+
+
+def unit_rows(block: np.ndarray, ids: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """(n, d) rows of unit L2 norm in ``dtype`` (float32 or float64), scale-safe for any finite
+    input.
 
     block: (n, d) floating rows of any precision and byte order. ids: (n,) their sample ids, to
-    name an all-zero row in the error. Each row is divided by its largest |entry| before its norm
-    is taken, so neither subnormal nor near-overflow rows lose digits or become inf/NaN.
+    name an all-zero row in the error. Each row is first multiplied by the power of two that
+    brings its largest |entry| into [0.5, 1) — exact, so subnormal and near-overflow rows lose
+    nothing and rows scaled by 2^k come out bit for bit the same — then divided by its norm,
+    whose square is summed in float64.
     """
-    rows = np.array(block, dtype=np.float64)
-    peak = np.abs(rows).max(axis=1)
+    rows = np.asarray(block, dtype=_compute_dtype(block.dtype, dtype))
+    squares = np.einsum("ij,ij->i", rows, rows, dtype=np.float64)
+    # Rows of ordinary magnitude need no rescaling: multiplying by the rounded 1/‖row‖ gives the
+    # same bits as the rescaled path below, because powers of two cancel exactly in between.
+    ordinary = (squares > _ORDINARY_SQUARES[0]) & (squares < _ORDINARY_SQUARES[1])
+    if ordinary.all():
+        rows = rows * (1.0 / np.sqrt(squares)).astype(rows.dtype)[:, None]
+        return rows
+    rows = np.array(rows)
+    odd = np.flatnonzero(~ordinary)
+    peak = np.abs(rows[odd]).max(axis=1)
     zero = np.flatnonzero(peak == 0)
     if len(zero):
         raise InputError(
-            f"features: row {int(ids[zero[0]])} is all zeros; cosine needs non-zero rows "
+            f"features: row {int(ids[odd[zero[0]]])} is all zeros; cosine needs non-zero rows "
             "(use metric='euclidean')"
         )
-    rows /= peak[:, None]
-    rows /= np.sqrt(np.einsum("ij,ij->i", rows, rows))[:, None]
+    rows[ordinary] *= (1.0 / np.sqrt(squares[ordinary])).astype(rows.dtype)[:, None]
+    rescaled = np.ldexp(rows[odd], -np.frexp(peak)[1][:, None])
+    inverse_norm = 1.0 / np.sqrt(np.einsum("ij,ij->i", rescaled, rescaled, dtype=np.float64))
+    rows[odd] = rescaled * inverse_norm.astype(rows.dtype)[:, None]
     return rows
 
 
@@ -139,27 +173,37 @@ def working_features(features, metric: str, perm: np.ndarray, problem_offsets, d
             # Unit rows are bounded by 1, so centring them in the working precision loses
             # nothing beyond the final rounding.
             for start, ids in row_chunks(members):
-                unit = unit_rows(features[ids], ids)
-                total += unit.sum(axis=0)
+                unit = unit_rows(features[ids], ids, dtype)
+                total += unit.sum(axis=0, dtype=np.float64)
                 x[lo + start : lo + start + len(ids)] = unit
             x[lo:hi] -= (total / len(members)).astype(dtype)
             continue
-        # Euclidean: bring the rows near 1 first (so the sum cannot overflow), centre, then scale
-        # the centred rows so the largest entry lies in [0.5, 1). Both factors are powers of two.
-        raw_peak = 0.0
+        # Euclidean: centre in float64, then scale by the power of two that brings the largest
+        # centred entry into [0.5, 1). One pass gathers the column sums and extremes (the largest
+        # centred entry is an extreme minus the mean); a second writes the working rows.
+        column_max = np.full(features.shape[1], -np.inf)
+        column_min = np.full(features.shape[1], np.inf)
+        pre = 0
         for _, ids in row_chunks(members):
-            raw_peak = max(raw_peak, float(np.abs(features[ids]).max()))
-        pre = power_of_two_exponent(raw_peak)
-        for _, ids in row_chunks(members):
-            total += np.ldexp(features[ids].astype(np.float64), pre).sum(axis=0)
+            block = features[ids]
+            with np.errstate(over="ignore"):
+                total += block.sum(axis=0, dtype=np.float64)
+            column_max = np.maximum(column_max, block.max(axis=0))
+            column_min = np.minimum(column_min, block.min(axis=0))
+        if not np.isfinite(total).all():
+            # Near float64's limit the sum overflows: sum rows brought near 1 instead.
+            pre = power_of_two_exponent(float(max(np.abs(column_max).max(), np.abs(column_min).max())))
+            total = sum(np.ldexp(features[ids].astype(np.float64), pre).sum(axis=0) for _, ids in row_chunks(members))
+            column_max, column_min = np.ldexp(column_max, pre), np.ldexp(column_min, pre)
         mean = total / len(members)
-        peak = 0.0
-        for _, ids in row_chunks(members):
-            peak = max(peak, float(np.abs(np.ldexp(features[ids].astype(np.float64), pre) - mean).max()))
+        peak = float(max((column_max - mean).max(), (mean - column_min).max()))
         post = power_of_two_exponent(peak)
         for start, ids in row_chunks(members):
-            centred = np.ldexp(features[ids].astype(np.float64), pre) - mean
-            x[lo + start : lo + start + len(ids)] = np.ldexp(centred, post)
+            block = features[ids].astype(np.float64)
+            if pre:
+                block = np.ldexp(block, pre)
+            block -= mean
+            x[lo + start : lo + start + len(ids)] = _times_power_of_two(block, post)
     return x, None
 
 
