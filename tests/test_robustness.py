@@ -242,3 +242,30 @@ def test_former_crashes_exit_cleanly_in_a_subprocess(name):
     program += "rng = np.random.default_rng(0)\n" + CRASH_CASES[name]
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(program)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_replay_of_exact_ties_is_not_failed_by_its_own_rounding():
+    # d = 1 cosine: every row becomes ±1, so whole pools tie exactly and max|C2| is zero; the
+    # replay's float64 noise (one row normalises to 1 − 2⁻⁵³) used to be read as a wrong pick.
+    features = np.array(
+        [-0.397, -0.868, 2.152, -0.397, -0.397, 0.3064, -0.4573, -0.12067, -1.092, -1.969, -0.397, -0.397, -1.182],
+        dtype=np.float16,
+    )[:, None]
+    for backend in ("cpu", "reference"):
+        check_binning(dqkernels.graphcut_bins(features, bins=2, lam=0.5, backend=backend), features)
+    features = np.array(
+        [0.993, 0.993, 0.721, 1.838, 0.5615, 0.1299, 0.993, 0.993, 0.536, 0.993, 0.3557, 0.2537, 0.993, 0.1895, 0.993],
+        dtype=np.float16,
+    )[:, None]
+    labels = np.array([0, 0, 7, 7, 7, 7, 0, 7, 0, 0, 7, 0, 7, 7, 7])
+    check_binning(dqkernels.graphcut_bins(features, bins=2, labels=labels, form="gram"), features)
+
+
+def test_replay_still_catches_a_wrong_pick_among_near_ties():
+    x = np.random.default_rng(10).normal(size=(80, 4))
+    result = dqkernels.graphcut_bins(x, bins=4)
+    swapped = result.order.copy()
+    swapped[[0, 25]] = swapped[[25, 0]]  # the first pick of bin 0 replaced by a later one
+    result.order[:] = swapped
+    with pytest.raises(AssertionError, match="below the best"):
+        check_binning(result, x)
