@@ -66,7 +66,7 @@ def test_quantize_and_reconstruct_end_to_end(tmp_path, folder_with_a_broken_imag
     _ok(["bin", "--features", features, "--bins", 3])
     _ok(["sample", "--bins", features / "bins.npz", "--ratio", 0.2, "--seed", 3, "-o", tmp_path / "subset.npy"])
     subset = np.load(tmp_path / "subset.npy")
-    items = [json.loads(line) for line in (features / "items.jsonl").read_text().splitlines()]
+    items = [json.loads(line)["path"] for line in (features / "items.jsonl").read_text().splitlines()]
     assert len(items) == 30 and "0/0000_broken.png" not in items and subset.shape == (6,)
 
     patches = tmp_path / "patches"

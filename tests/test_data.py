@@ -36,23 +36,41 @@ def test_subset_dataset_serves_the_selected_samples(subset_file, dataset):
 
 def test_subset_dataset_rejects_a_subset_of_another_dataset(subset_file, dataset):
     chosen = np.load(subset_file)
-    with pytest.raises(ValueError, match=f"subset id {chosen[-1]} is out of range for a dataset of 50"):
+    with pytest.raises(ValueError, match="subset was drawn from 100 samples but the dataset has 50"):
         DQSubset(TensorDataset(torch.arange(50)), subset_file)
     with pytest.raises(ValueError, match="unique and non-negative"):
-        DQSubset(dataset, np.array([3, 3, 5]))
+        DQSubset(dataset, np.array([3, 3, 5]), positional=True)
     with pytest.raises(ValueError, match="1-D integer"):
-        DQSubset(dataset, np.array([1.0, 2.0]))
+        DQSubset(dataset, np.array([1.0, 2.0]), positional=True)
+    # positional=True waives the row-count check, never the range check.
+    with pytest.raises(ValueError, match=f"subset id {chosen[-1]} is out of range for a dataset of 50"):
+        DQSubset(TensorDataset(torch.arange(50)), subset_file, positional=True)
+
+
+def test_bare_ids_need_a_feature_set_or_an_explicit_positional_opt_in(dataset):
+    with pytest.raises(ValueError, match="positional=True"):
+        DQSubset(dataset, np.array([1, 7]))
+    assert [int(sample[0]) for sample in DQSubset(dataset, np.array([7, 1]), positional=True)] == [1, 7]
+    with pytest.raises(ValueError, match="out of range for a dataset of 100 samples"):
+        DQSubset(dataset, np.array([1, 100]), positional=True)
 
 
 def test_subset_sampler_shuffles_per_epoch_reproducibly(subset_file, dataset):
     chosen = np.load(subset_file).tolist()
-    sampler = DQSubsetSampler(subset_file, shuffle=True, seed=7)
+    sampler = DQSubsetSampler(subset_file, shuffle=True, seed=7, dataset=dataset)
     epoch0 = list(sampler)
     assert len(sampler) == 30 and sorted(epoch0) == chosen and epoch0 != chosen
     assert list(sampler) == epoch0  # same epoch, same order
-    assert list(DQSubsetSampler(subset_file, shuffle=True, seed=7)) == epoch0
+    assert list(DQSubsetSampler(subset_file, shuffle=True, seed=7, positional=True)) == epoch0
     sampler.set_epoch(1)
     assert list(sampler) != epoch0 and sorted(sampler) == chosen
 
-    loader = DataLoader(dataset, batch_size=16, sampler=DQSubsetSampler(subset_file, shuffle=False))
+    loader = DataLoader(dataset, batch_size=16, sampler=DQSubsetSampler(subset_file, shuffle=False, dataset=dataset))
     assert torch.cat([ids for ids, _ in loader]).tolist() == chosen
+
+
+def test_subset_sampler_resolves_against_the_dataset_it_samples(subset_file):
+    with pytest.raises(ValueError, match="needs the dataset it samples from"):
+        DQSubsetSampler(subset_file)
+    with pytest.raises(ValueError, match="subset was drawn from 100 samples but the dataset has 99"):
+        DQSubsetSampler(subset_file, dataset=TensorDataset(torch.arange(99)))

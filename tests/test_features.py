@@ -45,7 +45,8 @@ def test_image_folder_listing_is_sorted_with_class_labels(tmp_path):
 
     listing = list_image_folder(tmp_path)
 
-    assert listing.relative_paths == ["a/sub/x.png", "a/y.jpg", "b/a.png", "b/z.png"]
+    # torchvision's ImageFolder order: a folder's own files before its subfolders' files.
+    assert listing.relative_paths == ["a/y.jpg", "a/sub/x.png", "b/a.png", "b/z.png"]
     assert listing.labels.tolist() == [0, 0, 1, 1]
     assert listing.class_names == ["a", "b"]
 

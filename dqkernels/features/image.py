@@ -2,8 +2,9 @@
 
 Two kinds of image input are read here:
 
-* an ImageFolder tree (``root/<class>/.../<image>``), listed in sorted, deterministic order,
-  labels = index of the class folder in sorted order;
+* an ImageFolder tree (``root/<class>/.../<image>``), listed in torchvision ``ImageFolder``
+  order with each file's size (:func:`dqkernels.formats.items.list_image_folder`, re-exported
+  here), labels = index of the class folder in sorted order;
 * an array of images ``(N, H, W)`` or ``(N, H, W, C)`` (C = 1 or 3), uint8 in [0, 255] or float
   in [0, 1], from a ``.npy`` file or from the ``images`` array of a ``.npz`` file (with an
   optional ``labels`` array).
@@ -30,26 +31,14 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from dqkernels.core.errors import InputError, InputTypeError
+from dqkernels.formats.items import (  # noqa: F401 (the image-folder listing, re-exported here)
+    IMAGE_EXTENSIONS,
+    ImageFolderListing,
+    list_image_folder,
+)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 FEATURE_MODES = ("pooled", "gradient")
 GRAD_DELTAS = ("standard", "official")
-
-
-@dataclass(frozen=True)
-class ImageFolderListing:
-    """Images of an ImageFolder tree in deterministic order.
-
-    relative_paths: N paths relative to ``root`` (POSIX separators), sorted by class folder, then
-        by path inside it.
-    labels: (N,) int64 class index of each image (position of its class folder in class_names).
-    class_names: sorted names of the class folders that hold at least one image.
-    """
-
-    root: Path
-    relative_paths: list[str]
-    labels: np.ndarray
-    class_names: list[str]
 
 
 @dataclass
@@ -68,40 +57,6 @@ class ImageFeatures:
     embed: Optional[np.ndarray]
     kept_rows: np.ndarray
     skipped: list[tuple[int, str]] = field(default_factory=list)
-
-
-def list_image_folder(root: str | os.PathLike) -> ImageFolderListing:
-    """List an ImageFolder tree: one subfolder per class, images anywhere below it.
-
-    Files directly in ``root`` and files without an image extension are ignored. Raises
-    ValueError when no image is found.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise InputError(f"image folder {str(root)!r} is not a directory")
-    class_dirs = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-    relative_paths: list[str] = []
-    labels: list[int] = []
-    class_names: list[str] = []
-    for class_name in class_dirs:
-        class_root = root / class_name
-        class_files = []
-        for dir_path, dir_names, file_names in os.walk(class_root, followlinks=True):
-            dir_names.sort()
-            for file_name in file_names:
-                if file_name.lower().endswith(IMAGE_EXTENSIONS):
-                    class_files.append(Path(dir_path, file_name).relative_to(root).as_posix())
-        if class_files:
-            class_files.sort()
-            relative_paths.extend(class_files)
-            labels.extend([len(class_names)] * len(class_files))
-            class_names.append(class_name)
-    if not relative_paths:
-        raise InputError(
-            f"image folder {str(root)!r} holds no images (expected class subfolders with "
-            f"{', '.join(IMAGE_EXTENSIONS)} files)"
-        )
-    return ImageFolderListing(root, relative_paths, np.asarray(labels, dtype=np.int64), class_names)
 
 
 def load_image_array(path: str | os.PathLike) -> tuple[np.ndarray, Optional[np.ndarray]]:

@@ -13,7 +13,6 @@ layers after it, and the gradients of the summed target logits give every image'
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -220,6 +219,7 @@ class SourceSamples:
     sample_ids: (N,) int64 dataset ids (rows of the features the subset was drawn from).
     labels: (N,) int64 class indices, or None. items: N paths relative to the folder, or None.
     class_names: names of the class indices (image folders), or None.
+    features_sidecar: the feature set whose rows the ids are, or None when it is not known.
     """
 
     kind: str
@@ -228,50 +228,77 @@ class SourceSamples:
     labels: Optional[np.ndarray]
     items: Optional[list]
     class_names: Optional[list]
+    features_sidecar: Optional[Path] = None
 
 
-def select_samples(images_path: str | os.PathLike, subset: Optional[str | os.PathLike] = None) -> SourceSamples:
+def select_samples(
+    images_path: str | os.PathLike,
+    subset: Optional[str | os.PathLike] = None,
+    features: Optional[str | os.PathLike] = None,
+) -> SourceSamples:
     """Map the ids of ``subset`` (a ``dqk sample`` .npy; default: every image) to the images.
 
-    Ids are rows of the feature set the subset was drawn from. For an image folder the rows are
-    mapped through that feature set's ``items.jsonl`` when the subset's manifest names one (images
-    that could not be read were skipped there), else through the folder's sorted listing, as
-    ``dqk features`` lists it. For an image array the ids are its rows.
+    Ids are rows of the feature set the subset was drawn from (docs/method.md §3.5): ``features``
+    (a feature-set directory or its ``features.json``), else the one the subset's manifest names
+    (or the ``features.json`` beside the subset, when the feature folder was moved with it).
+
+    Image folder: every id is resolved through the feature set's recorded items — by relative
+    path, with the recorded size, inside ``images_path`` — and never through a fresh listing when
+    the feature set records items. Without recorded items, the folder's listing (torchvision
+    ``ImageFolder`` order) is used only when no subset is given or the subset's row count equals
+    the number of images. Image array: the ids are its rows; a feature set's row count must match.
+    Raises InputError naming the first id that cannot be resolved.
     """
-    from dqkernels.features.image import list_image_folder, load_image_array
-    from dqkernels.formats.feature_set import read_sidecar
+    from dqkernels.features.image import load_image_array
+    from dqkernels.formats.feature_set import id_origin
     from dqkernels.formats.inputs import input_kind
-    from dqkernels.formats.subset import load_subset_indices, read_manifest
+    from dqkernels.formats.items import list_image_folder, resolve_items
+    from dqkernels.formats.subset import load_subset_indices
 
     path = Path(images_path)
     kind = input_kind(path)
     if kind == "text":
         raise InputError(f"images {str(path)!r} must be an image folder or a .npy/.npz image array")
     sample_ids = load_subset_indices(subset) if subset is not None else None
+    origin = id_origin(subset, features)
+    if origin.source_kind is not None and origin.source_kind != kind:
+        raise InputError(
+            f"the subset's feature set {str(origin.sidecar_path)!r} was extracted from {origin.source_kind} "
+            f"data but {str(path)!r} is {kind} data"
+        )
     labels = items = class_names = None
     if kind == "image-folder":
-        sidecar_path = sidecar = None
-        if subset is not None and Path(subset).with_suffix(".json").is_file():
-            sidecar_path = read_manifest(subset).get("features_sidecar")
-            if sidecar_path and Path(sidecar_path).is_file():
-                sidecar = read_sidecar(Path(sidecar_path))
-        if sidecar is not None and "items" in sidecar["files"]:
-            with open(Path(sidecar_path).parent / sidecar["files"]["items"], encoding="utf-8") as handle:
-                all_items = [json.loads(line) for line in handle]
-            class_names = list(sidecar["source"]["classes"])
+        all_items = origin.items()
+        if all_items is not None:
+            class_names = origin.sidecar["source"].get("classes")
+            if class_names is None:
+                class_names = sorted({item.path.split("/")[0] for item in all_items})
         else:
             listing = list_image_folder(path)
-            all_items, class_names = listing.relative_paths, listing.class_names
+            all_items, class_names = listing.items, listing.class_names
+            if sample_ids is not None and origin.count != len(all_items):
+                known = "an unknown number of" if origin.count is None else str(origin.count)
+                raise InputError(
+                    f"subset {str(subset)!r} ids are rows of {known} features that record no items, so they "
+                    f"cannot be tied to the {len(all_items)} images of {str(path)!r} by path; give the feature "
+                    "set from `dqk features` (--features)"
+                )
         total = len(all_items)
     else:
         images, all_labels = load_image_array(path)
         total = images.shape[0]
+        if origin.count is not None and origin.count != total:
+            raise InputError(
+                f"{str(path)!r} holds {total} images but the subset's ids are rows of {origin.count} samples; "
+                "an image array's rows are the ids, so it must be the array the features were extracted from"
+            )
     if sample_ids is None:
         sample_ids = np.arange(total, dtype=np.int64)
     if sample_ids.size and sample_ids[-1] >= total:
         raise InputError(f"subset id {int(sample_ids[-1])} is out of range for {str(path)!r} ({total} images)")
     if kind == "image-folder":
-        items = [all_items[row] for row in sample_ids]
+        resolve_items(path, all_items, sample_ids.tolist())
+        items = [all_items[row].path for row in sample_ids.tolist()]
         class_index = {name: index for index, name in enumerate(class_names)}
         try:
             labels = np.array([class_index[item.split("/")[0]] for item in items], dtype=np.int64)
@@ -279,7 +306,7 @@ def select_samples(images_path: str | os.PathLike, subset: Optional[str | os.Pat
             raise InputError(f"image {error.args[0]!r} is in no class folder of {str(path)!r}") from None
     elif all_labels is not None:
         labels = all_labels[sample_ids]
-    return SourceSamples(kind, path, sample_ids, labels, items, class_names)
+    return SourceSamples(kind, path, sample_ids, labels, items, class_names, origin.sidecar_path)
 
 
 def _uint8_batches(samples: SourceSamples, img_size: int, batch_size: int, workers: int):
@@ -335,6 +362,7 @@ def quantize_images(
     out_dir: str | os.PathLike,
     *,
     subset: Optional[str | os.PathLike] = None,
+    features: Optional[str | os.PathLike] = None,
     drop: float = DEFAULT_DROP,
     img_size: int = 224,
     grid: int = 14,
@@ -355,6 +383,8 @@ def quantize_images(
         subset's ids map to images). Every image is resized to ``img_size`` × ``img_size`` and cut
         into ``grid`` × ``grid`` patches of img_size / grid pixels; the grid must match the MAE
         that will reconstruct them (14 for base and large, 16 for huge).
+    features: the feature set whose rows the subset's ids are; default: the one the subset's
+        manifest names (see :func:`select_samples`).
     drop: fraction θ of the patches dropped, in [0, 1); each image keeps floor(L·(1 − θ)).
     cam_model / cam_checkpoint / seed: the timm CAM network and its local weights (strictly
         loaded; without them it is randomly initialised from ``seed``). It sees the images at
@@ -376,7 +406,7 @@ def quantize_images(
         raise InputError(f"target must be one of {CAM_TARGETS}, got {target!r}")
     if mode not in CAM_MODES:
         raise InputError(f"mode must be one of {CAM_MODES}, got {mode!r}")
-    samples = select_samples(images, subset)
+    samples = select_samples(images, subset, features)
     if target == "label" and samples.labels is None:
         raise InputError(f"target 'label' needs labels; {str(samples.path)!r} has none")
     check_empty_destination(out_dir, "patch store")
@@ -396,6 +426,7 @@ def quantize_images(
             "path": str(samples.path.resolve()),
             "kind": samples.kind,
             "subset": str(Path(subset).resolve()) if subset is not None else None,
+            "features_sidecar": str(samples.features_sidecar.resolve()) if samples.features_sidecar else None,
         },
         "scoring": {
             "method": "gradcam++",

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -36,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from dqkernels.core.atomic import staged_directory
 from dqkernels.core.errors import InputError
 from dqkernels.pixel.patch_store import (
     PatchBatch,
@@ -399,8 +398,7 @@ def reconstruct_store(store: str | os.PathLike, checkpoint: str | os.PathLike, o
     mae = load_mae(checkpoint, arch, device)
     started = time.perf_counter()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:  # an empty directory there is replaced
         with tqdm(total=len(patch_store), unit="img", desc="reconstruct", disable=not progress,
                   dynamic_ncols=True) as bar:
             for batch in patch_store.batches(batch_size):
@@ -418,9 +416,6 @@ def reconstruct_store(store: str | os.PathLike, checkpoint: str | os.PathLike, o
                     "source": patch_store.items[row] if patch_store.items is not None else None,
                 }
                 handle.write(json.dumps(record) + "\n")
-        os.replace(staging, out_dir)  # an empty directory there is replaced
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     geometry = patch_store.geometry
     return ReconstructOutcome(out_dir, len(patch_store), geometry.height, geometry.width,
                               time.perf_counter() - started)

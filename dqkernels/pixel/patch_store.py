@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from dqkernels.core.atomic import staged_directory
 from dqkernels.core.errors import InputError
 
 STORE_FORMAT = "dqkernels.patches"
@@ -138,7 +137,8 @@ def check_empty_destination(path: str | os.PathLike, what: str) -> Path:
 
 
 class PatchStoreWriter:
-    """Write a store batch by batch into a staging directory, moved to ``out_dir`` on close.
+    """Write a store batch by batch into a staging directory that replaces ``out_dir`` on close
+    (:func:`dqkernels.core.atomic.staged_directory`).
 
     out_dir: the store directory; must be missing or empty.
     geometry: the images' size and patch size.
@@ -159,13 +159,19 @@ class PatchStoreWriter:
         self.class_names = list(class_names) if class_names is not None else None
         self.meta = dict(meta or {})
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".tmp", dir=self.out_dir.parent))
-        self._patches = np.lib.format.open_memmap(
-            self.staging / PATCHES_FILE, mode="w+", dtype=np.uint8, shape=(self.patch_count, geometry.patch_values)
-        )
-        self._indices = np.lib.format.open_memmap(
-            self.staging / INDICES_FILE, mode="w+", dtype=np.int32, shape=(self.patch_count,)
-        )
+        self._stage = staged_directory(self.out_dir)
+        self.staging = self._stage.__enter__()
+        self._finished = False  # set by close() and abort()
+        try:
+            self._patches = np.lib.format.open_memmap(
+                self.staging / PATCHES_FILE, mode="w+", dtype=np.uint8, shape=(self.patch_count, geometry.patch_values)
+            )
+            self._indices = np.lib.format.open_memmap(
+                self.staging / INDICES_FILE, mode="w+", dtype=np.int32, shape=(self.patch_count,)
+            )
+        except BaseException:
+            self.abort()
+            raise
         self._offsets = np.zeros(self.count + 1, dtype=np.int64)
         self._sample_ids = np.empty(self.count, dtype=np.int64)
         self._labels = np.empty(self.count, dtype=np.int64)
@@ -173,7 +179,6 @@ class PatchStoreWriter:
         self._with_labels: Optional[bool] = None  # fixed by the first batch
         self._with_items: Optional[bool] = None
         self._images_written = 0
-        self._finished = False  # set by close() and abort()
 
     def __enter__(self) -> "PatchStoreWriter":
         return self
@@ -277,15 +282,16 @@ class PatchStoreWriter:
             **self.meta,
         }
         (self.staging / HEADER_FILE).write_text(json.dumps(header, indent=2) + "\n", encoding="utf-8")
-        os.replace(self.staging, self.out_dir)  # an empty directory there is replaced
         self._finished = True
+        self._stage.__exit__(None, None, None)  # swaps the store in (an empty directory there is replaced)
         return self.out_dir
 
     def abort(self) -> None:
         """Discard everything written so far."""
         self._patches = self._indices = None
-        shutil.rmtree(self.staging, ignore_errors=True)
         self._finished = True
+        discarded = InputError(f"patch store {str(self.out_dir)!r} was not completed")
+        self._stage.__exit__(InputError, discarded, None)  # removes the staging directory
 
 
 def _as_int64(values, shape: tuple, name: str) -> np.ndarray:

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,13 @@ from typing import Callable, Optional
 import numpy as np
 
 from dqkernels import pipeline
-from dqkernels.core.atomic import atomic_output, save_npy, write_json, write_lines
+from dqkernels.core.atomic import (
+    atomic_output,
+    save_npy,
+    staged_directory,
+    write_json,
+    write_lines,
+)
 from dqkernels.core.errors import InputError
 from dqkernels.core.fingerprint import (
     fingerprint_arrays,
@@ -393,8 +398,7 @@ def run_v2(
     }
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:  # an empty directory there is replaced
         _save_npz(staging / "masks.npz", masks=object_masks, meta=mask_meta)
         _save_npz(staging / "recipes.npz", base=recipes.base, partner=recipes.partner, key=recipes.key,
                   meta={"grid": grid, "cell_px": cell_px, "bg_prob": bg_prob, "seed": recipes_seed,
@@ -407,11 +411,6 @@ def run_v2(
         items = _export(source, recipes, object_masks, side, chosen, staging / "subset")
         write_lines(staging / "subset_items.jsonl", (json.dumps(item) for item in items))
         write_json(staging / "v2.json", summary)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, as checked above
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return V2Outcome(out_dir, summary)
 
 
