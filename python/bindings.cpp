@@ -98,7 +98,7 @@ py::array gram_cpu(const py::array& x, int n_threads) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "dqkernels CPU engine: GraphCut bin generation (SPEC §1).";
+  m.doc() = "dqkernels CPU engine: GraphCut bin generation (docs/method.md §1).";
   m.def("graphcut_cpu", &graphcut_cpu, py::arg("x"), py::arg("embed"), py::arg("offsets"),
         py::arg("bin_sizes"), py::arg("lam"), py::arg("use_gram"), py::arg("n_threads") = 0,
         "Greedy GraphCut bins for independent problems.\n\n"

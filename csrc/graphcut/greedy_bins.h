@@ -1,4 +1,4 @@
-// GraphCut bin generation on the CPU (SPEC §1): greedy bins, one after another, from the pool of
+// GraphCut bin generation on the CPU (docs/method.md §1): greedy bins, one after another, from the pool of
 // samples not yet binned. One running score per pool sample, in float64:
 //   bin start:  score(x) = −λ·C2(x),  C2(x) = Σ_{p∈R} d(p,x)
 //   after a pick x*:  score(x) += 2·δ(x),  δ(x) = n_x + n_x* − 2·k(x, x*)
