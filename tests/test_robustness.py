@@ -269,3 +269,27 @@ def test_replay_still_catches_a_wrong_pick_among_near_ties():
     result.order[:] = swapped
     with pytest.raises(AssertionError, match="below the best"):
         check_binning(result, x)
+
+
+@pytest.mark.parametrize(
+    "arrays, meta, words",
+    [
+        (dict(order=np.arange(5.0), bin_offsets=np.array([0, 5])), {}, "integer"),
+        (dict(order=np.arange(5) + 0j, bin_offsets=np.array([0, 5])), {}, "integer"),
+        (dict(order=np.arange(5), bin_offsets=np.array([0, 5]), labels=np.zeros((5, 1), int)), {}, "labels"),
+        (dict(order=np.arange(5), bin_offsets=np.array([0, 5])), [1], "JSON object"),
+        (dict(bin_offsets=np.array([0, 5])), {}, "order"),
+    ],
+)
+def test_bins_files_that_would_be_misread_are_refused(tmp_path, arrays, meta, words):
+    import json
+
+    path = tmp_path / "bins.npz"
+    np.savez(path, meta=json.dumps(meta), **arrays)
+    with pytest.raises(InputError, match=words):
+        dqkernels.load_bins(path)
+
+
+def test_sample_bins_rejects_what_is_not_a_binning():
+    with pytest.raises(TypeError, match="result"):
+        dqkernels.sample_bins(None, ratio=0.1)

@@ -101,12 +101,21 @@ def load_bins(path) -> BinResult:
         raise InputError(f"bins file not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as data:
-            order = data["order"].astype(np.int64)
-            offsets = data["bin_offsets"].astype(np.int64)
-            labels = data["labels"].astype(np.int64) if "labels" in data.files else None
+            arrays = {name: data[name] for name in ("order", "bin_offsets", "labels") if name in data.files}
             meta = json.loads(str(data["meta"]))
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+    except (OSError, KeyError, ValueError, EOFError, RecursionError, zipfile.BadZipFile) as exc:
         raise InputError(f"not a dqkernels bins file: {path} ({exc})") from None
+    for name, array in arrays.items():
+        # Ids and offsets are integers: a float or complex array would be truncated silently.
+        if array.ndim != 1 or array.dtype.kind not in "iu":
+            raise InputError(f"bins file {path}: {name!r} must be a 1-D integer array, got {array.dtype} {array.shape}")
+    if "order" not in arrays or "bin_offsets" not in arrays:
+        raise InputError(f"not a dqkernels bins file: {path} (no 'order' or 'bin_offsets')")
+    if not isinstance(meta, dict):
+        raise InputError(f"bins file {path}: its metadata must be a JSON object")
+    order = arrays["order"].astype(np.int64)
+    offsets = arrays["bin_offsets"].astype(np.int64)
+    labels = arrays["labels"].astype(np.int64) if "labels" in arrays else None
     m = len(order)
     if (
         offsets.ndim != 1
@@ -152,23 +161,35 @@ def graphcut_bins(
         dataset bin n is the union of the classes' bin n.
     metric: "cosine" (rows L2-normalised; the official code's choice) or "euclidean".
     lam: λ > 0 of score = (2−λ)·C1 − λ·C2.
-    device: None/"cpu", or "cuda"/"cuda:N" (a torch device).
-    backend: "auto" (the C++ engine on the CPU, the torch engine on CUDA), "cpu" (C++ engine),
-        "torch" (batched torch engine, any torch device), "triton" (the torch engine with the
-        fused Triton step; CUDA, or CPU tensors under TRITON_INTERPRET=1), or "reference"
-        (float64 numpy, small inputs only). ``result.backend`` names the engine that ran.
+    device: None/"cpu", or "cuda"/"cuda:N" (a torch device); None means the device of a CUDA
+        tensor, else the CPU.
+    backend: "auto" (the C++ engine on the CPU, the Triton kernels on CUDA), "cpu" (C++ engine),
+        "torch" (batched torch operations, any torch device), "triton" (the Triton kernels; CUDA,
+        or CPU tensors under TRITON_INTERPRET=1), or "reference" (float64 numpy, small inputs
+        only). On a torch device the features never visit the host; a CUDA tensor's checksum is
+        then not computed (meta checksum None). ``result.backend`` names the kernel that ran:
+        "cpu", "reference", "torch", "triton-persistent" or "triton-fused".
     sizes: "split" (np.array_split sizes), "official", or a list of N sizes (global mode).
     precision: "float32" or "float64" arithmetic; default float64 for float64 input, else float32.
     form: "gram" (one Gram matrix, then a row per step), "stream" (O(M·d) memory), or "auto":
-        Gram for d >= 128 when it fits ``memory_budget`` bytes (default a quarter of RAM).
+        Gram for d >= 128 when it fits ``memory_budget`` bytes (default a quarter of RAM). On a
+        torch device: Gram whenever it fits ``memory_budget`` (default the device's free memory
+        on CUDA); an explicit form, or a streaming state, that does not fit is an InputError.
     threads: OpenMP threads (default: all cores).
     Returns a ``BinResult``. Raises ValueError/TypeError naming the bad argument.
     """
     as_choice(metric, METRICS, "metric")
     as_choice(backend, BACKENDS, "backend")
     as_choice(form, FORMS, "form")
+    if device is None:
+        device = _tensor_device(features)
     device = _resolve_device(device, backend)
     lam = as_positive_float(lam, "lam")
+    if backend in ("torch", "triton") or (backend == "auto" and device != "cpu"):
+        return _graphcut_bins_device(
+            features, bins, labels, metric, lam, device, backend, sizes, precision, form, memory_budget,
+            threads,
+        )
 
     if isinstance(features, GradEmbedding):
         delta = as_float_matrix(features.delta, "features.delta")
@@ -206,14 +227,6 @@ def graphcut_bins(
     if backend == "reference":
         local_order = _run_reference(x, embed_work, offsets, bin_sizes, lam)
         used_backend, used_form = "reference", "reference"
-    elif backend in ("torch", "triton") or (backend == "auto" and device != "cpu"):
-        from dqkernels.graphcut.torch_engine import graphcut_bins_torch
-
-        used_backend = "triton" if backend == "triton" else "torch"
-        local_order = graphcut_bins_torch(
-            x, embed_work, offsets, bin_sizes, lam, device, step=used_backend
-        )
-        used_form = "gram"
     else:
         use_gram = _choose_forms(np.diff(offsets), sum(dims), dtype, form, memory_budget, threads)
         try:
@@ -249,6 +262,81 @@ def graphcut_bins(
         ),
     }
     return BinResult(order, bin_offsets, label_array, used_backend, used_form, meta)
+
+
+def _tensor_device(features) -> Optional[str]:
+    """The device of a CUDA tensor (or of a GradEmbedding's δ), else None."""
+    value = features.delta if isinstance(features, GradEmbedding) else features
+    device = getattr(value, "device", None)
+    if getattr(device, "type", None) == "cuda":
+        return str(device)
+    return None
+
+
+def _graphcut_bins_device(
+    features, bins, labels, metric, lam, device, backend, sizes, precision, form, memory_budget, threads
+) -> BinResult:
+    """``graphcut_bins`` on a torch device: the front end, the engine and the assembly all run
+    there; the order, the labels and scalars come back. ``threads`` is checked, and used by
+    nothing here."""
+    import torch
+
+    from dqkernels.graphcut import device_prepare, torch_engine
+
+    prepared = device_prepare.device_features(features, device)
+    m = prepared.m
+    n_bins, precision = bins_and_precision(bins, m, precision, prepared.input_dtype)
+    if memory_budget is None:
+        memory_budget = device_prepare.default_budget(device, default_memory_budget)
+    else:
+        memory_budget = as_positive_int(memory_budget, "memory_budget")
+    if threads is not None:
+        threads = as_positive_int(threads, "threads")
+        if threads > MAX_THREADS:
+            raise InputError(f"threads must be at most {MAX_THREADS}, got {threads}")
+    label_tensor = None if labels is None else device_prepare.device_labels(labels, m, device)
+    perm, class_counts = device_prepare.group_by_label(label_tensor, m, device)
+    if isinstance(sizes, str):
+        as_choice(sizes, ("split", "official"), "sizes")
+    bin_sizes = bin_sizes_per_problem(class_counts, n_bins, sizes)
+    offsets = np.concatenate([[0], np.cumsum(class_counts)]).astype(np.int64)
+
+    dtype = torch.float32 if precision == "float32" else torch.float64
+    x, embed = device_prepare.working_features(prepared, metric, perm, offsets, dtype)
+    device_prepare.check_lam_fits(lam, x, embed, offsets)
+    problems = torch_engine.Problems(x, embed, offsets, bin_sizes)
+    use_triton = backend == "triton" or (backend == "auto" and _triton_available())
+    used_form = torch_engine.choose_form(problems, form, memory_budget, padded=not use_triton)
+    if use_triton:
+        run = torch_engine.run_triton(problems, lam, used_form)
+    else:
+        run = torch_engine.run_torch(problems, lam, used_form)
+    torch_engine.check_local_order(run.local_order, offsets, run.kernel)
+    order, bin_offsets = torch_engine.assemble(run.local_order, perm, offsets, bin_sizes)
+    meta = {
+        "metric": metric,
+        "lam": lam,
+        "bins": n_bins,
+        "per_class": labels is not None,
+        "M": m,
+        "dims": prepared.dims,
+        "gradient_embedding": prepared.gradient,
+        "dtype": prepared.source_dtype,
+        "precision": precision,
+        "sizes": sizes if isinstance(sizes, str) else [int(s) for s in bin_sizes[0]],
+        "version": _version(),
+        "checksum": device_prepare.host_checksum(prepared),
+    }
+    label_array = None if label_tensor is None else label_tensor.cpu().numpy()
+    return BinResult(order.cpu().numpy(), bin_offsets, label_array, run.kernel, run.form, meta)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def bins_and_precision(bins, m: int, precision, input_dtype) -> tuple:
