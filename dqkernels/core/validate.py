@@ -32,13 +32,13 @@ def source_dtype_name(value) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def as_float_matrix(value, name: str) -> np.ndarray:
-    """A (M, d) floating numpy view of a numpy array or torch tensor, finite, non-empty.
+def as_float_view(value, name: str) -> np.ndarray:
+    """A (M, d) floating numpy view of a numpy array or torch tensor, reading no rows.
 
     numpy arrays of float16/32/64 in either byte order (memory maps included) are returned as
     they are, never copied: the working copy is made from them chunk by chunk. Torch tensors are
     viewed through numpy (bfloat16, which numpy lacks, is widened to float32 first).
-    Raises InputTypeError for non-floating data, InputError for bad shapes or values.
+    Raises InputTypeError for non-floating data, InputError for a bad shape.
     """
     if type(value).__module__.startswith("torch"):
         import torch
@@ -59,7 +59,14 @@ def as_float_matrix(value, name: str) -> np.ndarray:
         raise InputError(f"{name} must be a 2-D (samples, dims) array, got shape {array.shape}")
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise InputError(f"{name} is empty (shape {array.shape})")
-    chunk = max(1, (1 << 24) // array.shape[1])  # bounded temporaries for memory-mapped input
+    return array
+
+
+def as_float_matrix(value, name: str) -> np.ndarray:
+    """:func:`as_float_view`, checked finite (in bounded chunks: memory maps are not read whole).
+    Raises InputError naming the first row with a NaN or inf."""
+    array = as_float_view(value, name)
+    chunk = max(1, (1 << 24) // array.shape[1])
     for lo in range(0, array.shape[0], chunk):
         finite = np.isfinite(array[lo : lo + chunk]).all(axis=1)
         if not finite.all():

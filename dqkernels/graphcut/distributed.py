@@ -42,6 +42,8 @@ from dqkernels.core.errors import InputError, InputTypeError
 from dqkernels.core.validate import (
     GradEmbedding,
     as_choice,
+    as_float_view,
+    as_positive_float,
     as_positive_int,
     load_float_matrix,
     source_dtype_name,
@@ -52,6 +54,7 @@ from dqkernels.graphcut.api import (
     _assemble,
     _choose_forms,
     _version,
+    check_engine_order,
     bins_and_precision,
     default_memory_budget,
     problem_layout,
@@ -210,29 +213,14 @@ def _as_row_source(value, name: str) -> np.ndarray:
     without reading its rows: finiteness is checked later, on the rows each rank reads."""
     if isinstance(value, (str, os.PathLike)):
         value = load_float_matrix(Path(value), name)
-    if type(value).__module__.startswith("torch"):
-        tensor = value.detach()
-        if not torch.is_floating_point(tensor):
-            raise InputTypeError(f"{name} must be a floating tensor, got {tensor.dtype}")
-        if tensor.dtype == torch.bfloat16:
-            tensor = tensor.float()
-        value = tensor.cpu().numpy()
-    array = value if isinstance(value, np.ndarray) else np.asarray(value)
-    if array.dtype.kind != "f":
-        raise InputTypeError(f"{name} must hold floating-point numbers, got dtype {array.dtype}")
-    if array.ndim != 2:
-        raise InputError(f"{name} must be a 2-D (samples, dims) array, got shape {array.shape}")
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise InputError(f"{name} is empty (shape {array.shape})")
-    return array
+    return as_float_view(value, name)
 
 
 def _plan(features, bins, labels, metric, lam, mode, sizes, precision, dst, ranks) -> _Plan:
     """Validate the arguments (reading no feature rows) and fix the problems and bin sizes."""
     as_choice(metric, METRICS, "metric")
     as_choice(mode, MODES, "mode")
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not np.isfinite(lam) or lam <= 0:
-        raise InputError(f"lam must be a finite number > 0, got {lam!r}")
+    lam = as_positive_float(lam, "lam")
     if dst is not None and (isinstance(dst, bool) or not isinstance(dst, int) or not 0 <= dst < ranks.size):
         raise InputError(f"dst must be None or a rank in [0, {ranks.size}), got {dst!r}")
     if isinstance(features, GradEmbedding):
@@ -387,7 +375,9 @@ def _local_engine(x, embed, offsets, bin_sizes, lam, dtype, device, threads):
     if device.type != "cpu":
         from dqkernels.graphcut.torch_engine import graphcut_bins_torch
 
-        return graphcut_bins_torch(x, embed, offsets, bin_sizes, lam, device), "gram"
+        order = graphcut_bins_torch(x, embed, offsets, bin_sizes, lam, device)
+        check_engine_order(order, offsets, "torch")
+        return order, "gram"
     try:
         from dqkernels.graphcut import _C
     except ImportError as error:
@@ -399,6 +389,7 @@ def _local_engine(x, embed, offsets, bin_sizes, lam, dtype, device, threads):
     budget = default_memory_budget() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     use_gram = _choose_forms(counts, dims, dtype, "auto", budget, threads)
     order = _C.graphcut_cpu(x, embed, offsets, bin_sizes, lam, use_gram, int(threads))
+    check_engine_order(order, offsets, "cpu")
     return order, "+".join(sorted({"gram" if g else "stream" for g in use_gram.tolist()}))
 
 
