@@ -34,8 +34,6 @@ class CMakeBuild(build_ext):
         ]
         if os.environ.get("DQK_NATIVE") == "1":
             config.append("-DDQK_NATIVE=ON")
-        if os.environ.get("DQK_CUDA") == "0":
-            config.append("-DDQK_CUDA=OFF")
         if shutil.which("ninja"):
             config += ["-G", "Ninja"]
         subprocess.run(["cmake", str(ROOT), *config], cwd=build_dir, check=True)

@@ -3,12 +3,16 @@
 
 import filecmp
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from conftest_data import (
+    REPO_ROOT,
     assert_clean_failure,
     digits_arrays,
     digits_features_fixture,  # noqa: F401
@@ -22,6 +26,8 @@ from conftest_data import (
 )
 
 import dqkernels
+import dqkernels.pipeline
+from dqkernels.core.errors import InputError, InputTypeError
 
 
 def _ok(args):
@@ -31,8 +37,9 @@ def _ok(args):
 
 
 def _items(features_dir):
+    """The relative image path of every feature row (items.jsonl: {"path": ..., "size": ...} lines)."""
     with open(features_dir / "items.jsonl") as handle:
-        return [json.loads(line) for line in handle]
+        return [json.loads(line)["path"] for line in handle]
 
 
 @pytest.mark.parametrize("command", ["features", "bin", "sample", "run", "info"])
@@ -217,6 +224,14 @@ def bad_inputs(tmp_path_factory):
     write_instruction_jsonl(root / "data.jsonl", count=4)
     (root / "not_empty").mkdir()
     (root / "not_empty" / "keep.txt").write_text("keep")
+    np.save(root / "labels.npy", np.arange(20) % 2)
+    os.link(root / "feats.npy", root / "feats_hardlink.npy")
+    with np.load(root / "bins.npz") as data:
+        arrays = dict(data)
+    np.savez(root / "list_meta_bins.npz", **{**arrays, "meta": np.array(json.dumps([1, 2]))})
+    (root / "model_number.yaml").write_text("input: images\nwork_dir: work\nmodel: 123\n")
+    (root / "run.json").write_text('{"input": "images", "work_dir": ".", "device": "cpu"}\n')  # YAML is JSON too
+    (root / "records.json").write_text(json.dumps([{"instruction": f"q{i}"} for i in range(20)]))
     return root
 
 
@@ -246,6 +261,50 @@ BAD_INVOCATIONS = {
     "official delta without gradient mode": (["features", "images", *IMAGE_OPTIONS, "--grad-delta", "official"],
                                              2, "--mode gradient only"),
     "info on a corrupt file": (["info", "corrupt.npy"], 1, "not a readable .npy"),
+    "bins meta not an object": (["sample", "--bins", "list_meta_bins.npz", "--ratio", "0.5"], 1,
+                                "its meta is not a JSON object"),
+    "a .npy given as bins": (["sample", "--bins", "feats.npy", "--ratio", "0.5"], 1, "holds a single array"),
+    "number for a model name in YAML": (["run", "model_number.yaml"], 1, "model must be a string, got 123"),
+    "bin over its features": (["bin", "--features", "feats.npy", "-o", "feats.npy"], 1,
+                              "is the same file as --features"),
+    "sample ids over their manifest": (["sample", "--bins", "bins.npz", "--ratio", "0.5", "-o", "subset.json"], 1,
+                                       "and its manifest are the same path"),
+}
+
+# No input is ever an output: each command refuses, before any work, to write over or into its inputs.
+OVERLAPPING_INVOCATIONS = {
+    "bin over its features": (["bin", "--features", "feats.npy", "-o", "feats.npy"], "is the same file as --features"),
+    "bin over a hard link of its features": (["bin", "--features", "feats.npy", "-o", "feats_hardlink.npy"],
+                                             "is the same file as --features"),
+    "bin over its labels": (["bin", "--features", "feats.npy", "--labels", "labels.npy", "-o", "labels.npy"],
+                            "is the same file as --labels"),
+    "sample over its bins": (["sample", "--bins", "bins.npz", "--ratio", "0.5", "-o", "bins.npz"],
+                             "is the same file as --bins"),
+    "sample manifest over its source": (["sample", "--bins", "bins.npz", "--ratio", "0.5", "-o", "records.npy",
+                                         "--export", "picked", "--source", "records.json"],
+                                        "its manifest '{root}/records.json' is the same file as --source"),
+    "sample ids over their manifest": (["sample", "--bins", "bins.npz", "--ratio", "0.5", "-o", "subset.json"],
+                                       "and its manifest are the same path"),
+    "export over its source": (["sample", "--bins", "bins.npz", "--ratio", "0.5", "--export", "images",
+                                "--source", "images"], "is the same file as --source"),
+    "export inside its source": (["sample", "--bins", "bins.npz", "--ratio", "0.5", "--export", "images/picked",
+                                  "--source", "images"], "lies inside --source"),
+    "features into their input folder": (["features", "images", "-o", "images/feats", "--device", "cpu"],
+                                         "lies inside INPUT"),
+    "features over their input array": (["features", "feats.npy", "-o", ".", "--device", "cpu"],
+                                        "-o/--out-dir's feats.npy '{root}/feats.npy' is the same file as INPUT"),
+    "run work dir inside its input": (["run", "--input", "images", "--work-dir", "images/work", "--device", "cpu"],
+                                      "work_dir '{root}/images/work' lies inside input '{root}/images'"),
+    "run export over its input": (["run", "--input", "images", "--work-dir", "work", "--export", "images",
+                                   "--device", "cpu"], "export '{root}/images' is the same file as input"),
+    "run over its config": (["run", "run.json"], "the run record '{root}/run.json' is the same file as CONFIG"),
+    "quantize into its images": (["quantize", "--images", "images", "-o", "images/patches", "--device", "cpu"],
+                                 "lies inside --images"),
+    "quantize around its images": (["quantize", "--images", "images", "-o", ".", "--device", "cpu"],
+                                   "which is replaced as a whole"),
+    "reconstruct into its store": (["reconstruct", "images", "--mae", "unfit.pth", "-o", "images/out"],
+                                   "lies inside PATCHES"),
+    "v2 into its images": (["v2", "--images", "images", "-o", "images/v2", "--device", "cpu"], "lies inside --images"),
 }
 
 
@@ -273,3 +332,69 @@ def test_bad_input_is_one_error_line_in_a_subprocess(bad_inputs, case):
         bad_inputs, before, completed.returncode, completed.stderr, expected_code, expected_text, INPUT_DIRECTORIES
     )
     assert "Traceback" not in completed.stderr and completed.stdout == ""
+
+
+@pytest.mark.parametrize("case", list(OVERLAPPING_INVOCATIONS))
+def test_no_command_writes_over_or_into_its_inputs(bad_inputs, monkeypatch, case):
+    args, expected_text = OVERLAPPING_INVOCATIONS[case]
+    monkeypatch.chdir(bad_inputs)
+    before = snapshot_files(bad_inputs)
+    result = invoke(args)
+    expected_text = expected_text.format(root=bad_inputs)
+    assert_clean_failure(bad_inputs, before, result.exit_code, result.stderr, 1, expected_text, INPUT_DIRECTORIES)
+
+
+# --------------------------------------------------------------------------- the error policy
+
+
+@pytest.mark.parametrize("error", [TypeError("a bug"), ValueError("a bug"), KeyError("a bug")])
+def test_a_library_bug_keeps_its_traceback(tmp_path, monkeypatch, error):
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(dqkernels.pipeline, "draw_subset", broken)
+    np.save(tmp_path / "feats.npy", np.random.default_rng(0).standard_normal((10, 3)))
+    dqkernels.graphcut_bins(np.load(tmp_path / "feats.npy"), bins=2).save(tmp_path / "bins.npz")
+    result = invoke(["sample", "--bins", tmp_path / "bins.npz", "--ratio", "0.5"])
+    assert result.exit_code == 1 and result.exception is error  # not turned into an "Error:" line
+    assert "Error:" not in result.stderr
+
+
+@pytest.mark.parametrize("error,code", [(InputError("bad value x"), 1), (InputTypeError("bad value x"), 1),
+                                        (PermissionError(13, "Permission denied", "x"), 1)])
+def test_input_and_os_errors_are_one_line(tmp_path, monkeypatch, error, code):
+    def refuse(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(dqkernels.pipeline, "draw_subset", refuse)
+    dqkernels.graphcut_bins(np.random.default_rng(0).standard_normal((10, 3)), bins=2).save(tmp_path / "bins.npz")
+    result = invoke(["sample", "--bins", tmp_path / "bins.npz", "--ratio", "0.5"])
+    assert result.exit_code == code and result.stderr.startswith("Error: ") and len(result.stderr.splitlines()) == 1
+    assert str(error) in result.stderr
+
+
+def test_a_refused_text_model_is_one_error_line(tmp_path):
+    """A model directory whose weights are an untrusted pickle is refused, never executed."""
+    model = shutil.copytree(text_model_path(), tmp_path / "model")
+    (model / "model.safetensors").unlink()
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"embeddings.word_embeddings.weight": Payload()}, model / "pytorch_model.bin")
+    data = write_instruction_jsonl(tmp_path / "data.jsonl", count=4)
+    result = invoke(["features", data, "-o", tmp_path / "out", "--text-model", model, "--device", "cpu"])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ") and "cannot load text model" in lines[0]
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_importing_the_cli_loads_no_torch(tmp_path):
+    probe = ("import sys, dqkernels.cli; heavy = sorted({m.split('.')[0] for m in sys.modules} & "
+             "{'torch', 'timm', 'torchvision', 'sentence_transformers'}); print(heavy)")
+    completed = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                               env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), timeout=120)
+    assert completed.returncode == 0 and completed.stdout.strip() == "[]", completed.stderr

@@ -469,6 +469,11 @@ def _evil_feature_set(extracted, tmp_path, evil: Item) -> Path:
     shutil.copytree(extracted.features, features, ignore=shutil.ignore_patterns("bins.*", "subset.*"))
     lines = [{"path": item.path, "size": item.size} for item in [evil, *extracted.items[1:]]]
     (features / "items.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    # A crafted set is consistent with itself: its sidecar records the crafted file's size.
+    sidecar = json.loads((features / "features.json").read_text())
+    if "integrity" in sidecar:
+        sidecar["integrity"]["items.jsonl"]["size"] = (features / "items.jsonl").stat().st_size
+        (features / "features.json").write_text(json.dumps(sidecar))
     pipeline.make_bins(features, 2)
     return features
 

@@ -1,5 +1,6 @@
 """Pipeline files: feature sets and their sidecars, fingerprints, atomic outputs, export, resumable runs."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from dqkernels.core.fingerprint import (
     fingerprint_file_listing,
 )
 from dqkernels.formats.feature_set import open_feature_set
+from dqkernels.formats.items import read_export_manifest
 
 
 @pytest.fixture
@@ -111,18 +113,56 @@ def test_export_checks_destination_and_ids(tmp_path, feature_dir):
     assert not (tmp_path / "new").exists()
 
     pipeline.export_subset(subset.indices, tmp_path / "first", features_sidecar=sidecar)
+    assert read_export_manifest(tmp_path / "first")["count"] == len(subset.indices)
     pipeline.export_subset(subset.indices[:3], tmp_path / "first", features_sidecar=sidecar, replace=True)
     assert len(list((tmp_path / "first").rglob("*.png"))) == 3
+    assert [record["id"] for record in read_export_manifest(tmp_path / "first")["samples"]] == \
+        subset.indices[:3].tolist()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith((".tmp", ".old"))]
+
+
+def test_export_never_replaces_or_nests_in_its_input(tmp_path, feature_dir, digits_folder):
+    images = shutil.copytree(digits_folder, tmp_path / "images")
+    sidecar = feature_dir / "features.json"
+    before = sorted(p.relative_to(images).as_posix() for p in images.rglob("*"))
+    with pytest.raises(ValueError, match="holds the input"):
+        pipeline.export_subset(np.array([0, 1]), tmp_path, source=images, features_sidecar=sidecar, replace=True)
+    with pytest.raises(ValueError, match="is inside the input folder"):
+        pipeline.export_subset(np.array([0, 1]), images / "new", source=images, features_sidecar=sidecar)
+    assert sorted(p.relative_to(images).as_posix() for p in images.rglob("*")) == before
+
+
+def test_export_of_arrays_checks_the_row_count_and_records_labels(tmp_path):
+    images, labels = digits_arrays(12)
+    np.savez(tmp_path / "digits.npz", images=images, labels=labels)
+    sidecar = pipeline.extract_features(tmp_path / "digits.npz", tmp_path / "feats", img_size=32, device="cpu")
+    assert sidecar["count"] == 12
+    outcome = pipeline.make_bins(tmp_path / "feats", 3)
+    dest = pipeline.export_subset(np.array([1, 4, 9]), tmp_path / "export", features_sidecar=tmp_path / "feats" /
+                                  "features.json", bins_file=outcome.path)
+    manifest = read_export_manifest(dest)
+    assert manifest["samples"] == [
+        {"id": row, "label": int(labels[row]), "bin": int(outcome.result.bin_of[row])} for row in (1, 4, 9)
+    ]
+    with np.load(dest / "digits.npz") as exported:
+        np.testing.assert_array_equal(exported["images"], images[[1, 4, 9]])
+    np.savez(tmp_path / "fewer.npz", images=images[:10], labels=labels[:10])
+    with pytest.raises(ValueError, match="holds 10 samples but the features have 12 rows"):
+        pipeline.export_subset(np.array([1]), tmp_path / "other", source=tmp_path / "fewer.npz",
+                               features_sidecar=tmp_path / "feats" / "features.json")
 
 
 def test_pipeline_config_from_yaml(tmp_path):
     (tmp_path / "cfg").mkdir()
-    (tmp_path / "cfg" / "dq.yaml").write_text("input: ../data\nwork-dir: runs\nbins: 5\nper_class: false\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "cfg" / "dq.yaml").write_text(
+        "input: ../data\nwork-dir: runs\nbins: 5\nper_class: false\nratio: 1\nverify_inputs: yes\n"
+    )
     config = pipeline.PipelineConfig.from_yaml(tmp_path / "cfg" / "dq.yaml")
     assert config.input == str((tmp_path / "data").resolve())
     assert config.work_dir == str((tmp_path / "cfg" / "runs").resolve())
-    assert (config.bins, config.per_class, config.ratio) == (5, False, 0.1)
+    assert (config.bins, config.per_class, config.ratio, config.verify_inputs) == (5, False, 1.0, True)
+    assert isinstance(config.ratio, float)
 
     (tmp_path / "typo.yaml").write_text("ratoi: 0.2\n")
     with pytest.raises(ValueError, match="unknown key 'ratoi'"):
@@ -146,13 +186,35 @@ def test_run_pipeline_recomputes_only_stages_whose_inputs_changed(tmp_path, digi
 
     config.bins = 2
     assert run() == ["reused", "wrote", "wrote"]
+    config.ratio = 0.25
+    assert run() == ["reused", "reused", "wrote"]
+    config.ratio = 0.5
     os.utime(images / "0" / "0000.png", ns=(5, 5))  # input changed: everything is redone
     assert run() == ["wrote", "wrote", "wrote"]
-    (tmp_path / "work" / "features" / "feats.npy").unlink()  # a missing output is redone too
-    assert run() == ["wrote", "reused", "reused"]
+    (tmp_path / "work" / "features" / "feats.npy").unlink()  # a missing output is redone, and what follows
+    assert run() == ["wrote", "wrote", "wrote"]
     config.bins = 4
     assert run() == ["reused", "wrote", "wrote"]
     np.testing.assert_array_equal(np.load(tmp_path / "work" / "subset.npy"), first_subset)  # deterministic
+
+
+def test_run_record_names_each_stage_fingerprint_and_output_hashes(tmp_path, digits_folder):
+    config = pipeline.PipelineConfig(
+        input=str(digits_folder), work_dir=str(tmp_path / "work"), img_size=32, device="cpu", bins=2, ratio=0.5,
+    )
+    pipeline.run_pipeline(config, log=lambda line: None)
+    record = json.loads((tmp_path / "work" / "run.json").read_text())
+    assert record["format"] == "dqkernels.run" and list(record["stages"]) == ["features", "bins", "subset"]
+    features = record["stages"]["features"]
+    assert set(features["outputs"]) == {f"features/{name}" for name in (
+        "features.json", "feats.npy", "labels.npy", "items.jsonl")}
+    for name, digest in features["outputs"].items():
+        assert digest == "sha256:" + hashlib.sha256((tmp_path / "work" / name).read_bytes()).hexdigest()
+    sidecar = json.loads((tmp_path / "work" / "features" / "features.json").read_text())
+    assert sidecar["stage_fingerprint"] == features["fingerprint"]
+    assert dqkernels.load_bins(tmp_path / "work" / "bins.npz").meta["stage_fingerprint"] == \
+        record["stages"]["bins"]["fingerprint"]
+    assert set(record["stages"]["subset"]["outputs"]) == {"subset.npy", "subset.json"}
 
 
 def test_run_pipeline_pixel_stage_stores_the_subset_and_is_reused(tmp_path, digits_folder):
@@ -184,6 +246,9 @@ def test_run_pipeline_pixel_stage_stores_the_subset_and_is_reused(tmp_path, digi
 
 def test_run_pipeline_checks_drop_before_any_stage(tmp_path, digits_folder):
     config = pipeline.PipelineConfig(input=str(digits_folder), work_dir=str(tmp_path / "work"), drop=1.5)
-    with pytest.raises(ValueError, match=r"drop must be a ratio in \[0, 1\), got 1.5"):
+    with pytest.raises(ValueError, match=r"drop: 1.5 is not in the range 0<=x<1"):
+        pipeline.run_pipeline(config, log=lambda line: None)
+    config.drop, config.quantize_grid = 0.5, 10
+    with pytest.raises(ValueError, match="quantize_grid must divide 224, got 10"):
         pipeline.run_pipeline(config, log=lambda line: None)
     assert not (tmp_path / "work").exists()

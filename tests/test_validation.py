@@ -1,9 +1,13 @@
 """Bad input gets a ValueError/TypeError that names the argument (never a crash)."""
 
+import os
+
 import numpy as np
 import pytest
 
 from dqkernels import GradEmbedding, graphcut_bins, load_bins, sample_bins
+from dqkernels.core.errors import InputError
+from dqkernels.core.paths import refuse_overlap
 
 X = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
 
@@ -47,8 +51,6 @@ def _with(value, row=3, col=1):
         (dict(features=X, bins=3, sizes=[10, 10]), ValueError, "sizes has 2 entries but bins=3"),
         (dict(features=X, bins=2, sizes=[10, 10], labels=np.arange(20) % 2), ValueError, "global binning only"),
         (dict(features=X, threads=0), ValueError, "threads must be >= 1"),
-        (dict(features=np.eye(3) * 1e200, metric="euclidean"), ValueError, "too large"),
-        (dict(features=np.eye(3) * 1e30, metric="euclidean", precision="float32"), ValueError, "precision='float64'"),
     ],
 )
 def test_graphcut_bins_rejects(kwargs, error, words):
@@ -136,3 +138,54 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bins.npz"]
     with pytest.raises(ValueError, match="output directory does not exist"):
         result.save(tmp_path / "nope" / "bins.npz")
+
+
+# --------------------------------------------------------------------------- no input is an output
+
+
+def _tree(root):
+    """root/images/a/x.png, root/feats.npy, root/other.npy (hard link of feats.npy), root/link.npy
+    (symlink to it) and root/notes.txt."""
+    (root / "images" / "a").mkdir(parents=True)
+    (root / "images" / "a" / "x.png").write_bytes(b"png")
+    np.save(root / "feats.npy", X)
+    os.link(root / "feats.npy", root / "other.npy")
+    os.symlink(root / "feats.npy", root / "link.npy")
+    (root / "notes.txt").write_text("notes")
+    return root
+
+
+@pytest.mark.parametrize(
+    "inputs,outputs,options,words",
+    [
+        ({"--features": "feats.npy"}, {"-o": "feats.npy"}, {}, "-o '{root}/feats.npy' is the same file as --features '{root}/feats.npy'; an output must not overwrite"),
+        ({"--features": "feats.npy"}, {"-o": "./images/../feats.npy"}, {}, "is the same file as --features"),
+        ({"--features": "feats.npy"}, {"-o": "other.npy"}, {}, "-o '{root}/other.npy' is the same file as --features '{root}/feats.npy'"),
+        ({"--features": "feats.npy"}, {"-o": "link.npy"}, {}, "is the same file as --features"),
+        ({"INPUT": "images"}, {"-o": "images"}, {}, "is the same file as INPUT"),
+        ({"INPUT": "images"}, {"-o": "images/a/feats"}, {}, "lies inside INPUT '{root}/images', which is read as input"),
+        ({"INPUT": "images/a/x.png"}, {"--export": "images"}, {"folders": {"--export"}},
+         "INPUT '{root}/images/a/x.png' lies inside --export '{root}/images', which is replaced as a whole"),
+        ({"INPUT": "images"}, {"--export": "."}, {"folders": {"--export"}}, "lies inside --export"),
+        ({}, {"-o": "subset.json", "its manifest": "subset.json"}, {},
+         "-o '{root}/subset.json' and its manifest are the same path"),
+        ({}, {"work_dir": "work", "export": "."}, {"folders": {"export"}}, "work_dir '{root}/work' lies inside export"),
+    ],
+)
+def test_refuse_overlap_names_both_paths(tmp_path, monkeypatch, inputs, outputs, options, words):
+    root = _tree(tmp_path)
+    monkeypatch.chdir(root)
+    with pytest.raises(InputError) as info:
+        refuse_overlap(inputs, outputs, **options)
+    assert words.format(root=root) in str(info.value)
+
+
+def test_refuse_overlap_allows_what_touches_no_input(tmp_path, monkeypatch):
+    root = _tree(tmp_path)
+    monkeypatch.chdir(root)
+    refuse_overlap({"--features": "feats.npy", "--labels": None}, {"-o": "bins.npz", "--export": None})
+    refuse_overlap({"INPUT": "images"}, {"-o": "feats", "its sidecar": "feats/features.json"})
+    refuse_overlap({"--features": "."}, {"-o": "bins.npz"}, shallow={"--features"})  # beside a feature set
+    refuse_overlap({"--bins": "feats.npy"}, {"--export": "export"}, folders={"--export"})
+    with pytest.raises(InputError, match="lies inside --features"):
+        refuse_overlap({"--features": "."}, {"-o": "bins.npz"})  # a folder read whole

@@ -6,52 +6,54 @@
     dqk run config.yaml                    # all of the above, resumable
     dqk info feats/bins.npz
 
-Every command is a thin wrapper over a function of :mod:`dqkernels.pipeline.stages`. A bad input ends
-the command with one ``Error: ...`` line on stderr and exit code 1 (2 for a malformed command
-line); no output file is left half-written.
+Every command is a thin wrapper over a function of :mod:`dqkernels.pipeline`. The error policy:
+bad input (``dqkernels.core.errors.InputError``) and a failed file operation (``OSError``) end
+the command with one ``Error: ...`` line on stderr and exit code 1; a malformed command line
+with exit code 2; anything else is a bug and keeps its traceback. Before any work starts, every
+command checks that none of its outputs is (or lies inside) one of its inputs
+(:func:`dqkernels.core.paths.refuse_overlap`); no output file is left half-written.
 """
 
 from __future__ import annotations
 
-import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import click
 
 from dqkernels import pipeline
-from dqkernels.features.image import FEATURE_MODES, GRAD_DELTAS
+from dqkernels.core.errors import InputError
+from dqkernels.core.paths import refuse_overlap
 from dqkernels.formats.bins import bin_sizes_summary
-from dqkernels.graphcut.api import BACKENDS, METRICS
-from dqkernels.sampling.sample import ALLOCATIONS
+from dqkernels.formats.feature_set import (
+    DELTA_FILE,
+    EMBED_FILE,
+    FEATURES_FILE,
+    ITEMS_FILE,
+    LABELS_FILE,
+    SIDECAR_NAME,
+    read_sidecar,
+)
+from dqkernels.formats.subset import manifest_path, subset_sources
+from dqkernels.pipeline.runner import CONFIG_TYPES, DEVICE
+from dqkernels.pipeline.stages import subset_destination
+
+FEATURE_SET_FILES = (FEATURES_FILE, DELTA_FILE, EMBED_FILE, LABELS_FILE, ITEMS_FILE, SIDECAR_NAME)
 
 
 def _one_line(message: str) -> str:
     return " ".join(message.split())
 
 
-class _DeviceType(click.ParamType):
-    """A torch device name: cpu, cuda or cuda:N."""
-
-    name = "device"
-
-    def convert(self, value, param, ctx):
-        if value is None or re.fullmatch(r"cpu|cuda(:\d+)?", str(value)):
-            return value
-        self.fail(f"{value!r} is not a device (cpu, cuda or cuda:N)", param, ctx)
-
-
-DEVICE = _DeviceType()
-
-
 class _DqkGroup(click.Group):
-    """A click group whose errors are one line on stderr, library errors included."""
+    """A click group whose input errors are one line on stderr (see the module docstring)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (ValueError, TypeError, OSError) as error:
+        except (InputError, OSError) as error:
             raise click.ClickException(_one_line(str(error) or type(error).__name__)) from error
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
@@ -98,27 +100,27 @@ _EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--checkpoint", type=_EXISTING_FILE,
               help="Local weights (.pth/.pt/.safetensors) loaded strictly into --model. "
                    "Default: none, the model stays randomly initialised from --seed.")
-@click.option("--mode", type=click.Choice(FEATURE_MODES), default="pooled", show_default=True,
+@click.option("--mode", type=CONFIG_TYPES["mode"], default="pooled", show_default=True,
               help="pooled: penultimate pooled features. gradient: the last layer's gradient "
                    "embedding, stored as delta (classes) and embed (feature dims); needs labels.")
-@click.option("--grad-delta", type=click.Choice(GRAD_DELTAS), default="standard",
+@click.option("--grad-delta", type=CONFIG_TYPES["grad_delta"], default="standard",
               show_default=True,
               help="Gradient mode only. standard: softmax(z) - onehot(y). official: the official DQ "
                    "code's double-softmax delta.")
 @click.option("--text-model", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Local sentence-embedding model directory; required for .json/.jsonl instruction data.")
-@click.option("--num-classes", type=click.IntRange(min=1),
+@click.option("--num-classes", type=CONFIG_TYPES["num_classes"],
               help="Classifier size. Default: the checkpoint's, else the number of classes in the data.")
-@click.option("--img-size", type=click.IntRange(min=8),
+@click.option("--img-size", type=CONFIG_TYPES["img_size"],
               help="Images are resized to this square size in pixels. Default: the model's input size.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+@click.option("--batch-size", type=CONFIG_TYPES["batch_size"], default=64, show_default=True,
               help="Images (or texts) per forward pass.")
 @click.option("--device", type=DEVICE, help="cpu, cuda or cuda:N. Default: cuda when available.")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--workers", type=CONFIG_TYPES["workers"], default=0, show_default=True,
               help="Image-decoding processes for image folders (0 = decode in this process).")
 @click.option("--strict", is_flag=True,
               help="Stop at the first unreadable image instead of skipping it.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=CONFIG_TYPES["feature_seed"], default=0, show_default=True,
               help="Seed of the random initialisation when there is no --checkpoint.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def features_command(input_path, out_dir, model, checkpoint, mode, grad_delta, text_model, num_classes,
@@ -131,6 +133,10 @@ def features_command(input_path, out_dir, model, checkpoint, mode, grad_delta, t
     """
     if grad_delta != "standard" and mode != "gradient":
         raise click.UsageError("--grad-delta applies to --mode gradient only")
+    refuse_overlap(
+        {"INPUT": input_path, "--checkpoint": checkpoint, "--text-model": text_model},
+        {"-o/--out-dir": out_dir, **{f"-o/--out-dir's {name}": out_dir / name for name in FEATURE_SET_FILES}},
+    )
     sidecar = pipeline.extract_features(
         input_path, out_dir, model=model, checkpoint=checkpoint, mode=mode, grad_delta=grad_delta,
         text_model=text_model, num_classes=num_classes, img_size=img_size, batch_size=batch_size,
@@ -153,25 +159,36 @@ def features_command(input_path, out_dir, model, checkpoint, mode, grad_delta, t
 # --------------------------------------------------------------------------- bin
 
 
+def _feature_set_inputs(features_path: Path) -> dict:
+    """{name: path} of what ``dqk bin --features`` reads: the path given and, for a feature-set
+    directory or sidecar, every feature-set file beside it."""
+    inputs = {"--features": features_path}
+    directory = features_path if features_path.is_dir() else features_path.parent
+    if features_path.is_dir() or features_path.name == SIDECAR_NAME:
+        inputs.update({f"the feature set's {name}": directory / name for name in FEATURE_SET_FILES
+                       if (directory / name).exists()})
+    return inputs
+
+
 @cli.command("bin")
 @click.option("--features", "features_path", required=True, type=click.Path(exists=True, path_type=Path),
               help="Features: a (samples x dims) float .npy, or a directory / features.json written "
                    "by `dqk features` (gradient mode included).")
-@click.option("--bins", type=click.IntRange(min=1), default=10, show_default=True,
+@click.option("--bins", type=CONFIG_TYPES["bins"], default=10, show_default=True,
               help="Number of bins N (at most the number of samples).")
 @click.option("--labels", "labels_path", type=_EXISTING_FILE,
               help="Integer labels .npy (one per sample): bin each class on its own. Default: the "
                    "feature set's labels.npy when there is one.")
 @click.option("--no-labels", is_flag=True, help="Ignore the feature set's labels and bin all samples together.")
-@click.option("--metric", type=click.Choice(METRICS), default="cosine", show_default=True,
+@click.option("--metric", type=CONFIG_TYPES["metric"], default="cosine", show_default=True,
               help="cosine: L2-normalise rows first; euclidean: raw squared distances.")
-@click.option("--lam", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+@click.option("--lam", type=CONFIG_TYPES["lam"], default=1.0, show_default=True,
               help="GraphCut lambda (> 0).")
 @click.option("--device", type=DEVICE, help="cpu, cuda or cuda:N. Default: chosen by the library.")
-@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+@click.option("--backend", type=CONFIG_TYPES["backend"], default="auto", show_default=True,
               help="Kernel backend; auto picks the fastest one available, reference is the slow "
                    "float64 oracle.")
-@click.option("--sizes", type=click.Choice(["split", "official"]), default="split", show_default=True,
+@click.option("--sizes", type=CONFIG_TYPES["sizes"], default="split", show_default=True,
               help="split: sizes differ by at most one. official: the official code's sizes.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Output .npz. Default: bins.npz beside the features.")
@@ -186,6 +203,10 @@ def bin_command(features_path, bins, labels_path, no_labels, metric, lam, device
     """Split the samples into N bins with recursive GraphCut."""
     if no_labels and labels_path is not None:
         raise click.UsageError("--labels and --no-labels contradict each other")
+    if out is None:  # where pipeline.make_bins writes by default
+        out = (features_path if features_path.is_dir() else features_path.parent) / "bins.npz"
+    refuse_overlap({**_feature_set_inputs(features_path), "--labels": labels_path}, {"-o/--out": out},
+                   shallow={"--features"})
     if distributed:
         if backend != "auto":
             raise click.UsageError("--backend applies to single-process runs, not to --distributed")
@@ -215,10 +236,11 @@ def bin_command(features_path, bins, labels_path, no_labels, metric, lam, device
 
 @cli.command("sample")
 @click.option("--bins", "bins_path", required=True, type=_EXISTING_FILE, help="Bins .npz from `dqk bin`.")
-@click.option("--ratio", required=True, type=click.FloatRange(0, 1, min_open=True),
+@click.option("--ratio", required=True, type=CONFIG_TYPES["ratio"],
               help="Fraction of the samples to keep, in (0, 1].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the uniform draw in each bin.")
-@click.option("--allocation", type=click.Choice(ALLOCATIONS), default="exact", show_default=True,
+@click.option("--seed", type=CONFIG_TYPES["seed"], default=0, show_default=True,
+              help="Seed of the uniform draw in each bin.")
+@click.option("--allocation", type=CONFIG_TYPES["allocation"], default="exact", show_default=True,
               help="exact: round(ratio x samples) in total, spread by largest remainder. official: "
                    "round(ratio x count) per bin, as the official code (small ratios can empty bins).")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path),
@@ -230,11 +252,19 @@ def bin_command(features_path, bins, labels_path, no_labels, metric, lam, device
 @click.option("--link", is_flag=True, help="With --export of an image folder: symlink instead of copying.")
 def sample_command(bins_path, ratio, seed, allocation, out, export_dir, source, link):
     """Keep a fraction of every bin, uniformly at random."""
+    if out is None:  # where pipeline.save_subset writes by default
+        out = bins_path.parent / "subset.npy"
+    inputs = {"--bins": bins_path, "--source": source}
+    outputs = {"-o/--out": out, "its manifest": manifest_path(out), "--export": export_dir}
+    refuse_overlap(inputs, outputs, folders={"--export"})
     subset = pipeline.draw_subset(bins_path, ratio, seed=seed, allocation=allocation)
+    recorded_input = export_dir is not None and source is None  # the export reads what the features record
+    refuse_overlap({**inputs, **_subset_sources(subset.manifest, recorded_input)}, outputs, folders={"--export"})
+    subset_destination(subset, bins_path, out)
     if export_dir is not None:  # exported first: a failed export leaves no subset file either
         pipeline.export_subset(
             subset.indices, export_dir, features_sidecar=subset.manifest["features_sidecar"],
-            source=source, link=link,
+            source=source, link=link, bins_file=bins_path,
         )
     subset_path = pipeline.save_subset(subset, bins_path, out)
     click.echo(f"{subset_path}: kept {subset.indices.shape[0]} samples (ratio {ratio}, seed {seed}, {allocation})")
@@ -242,56 +272,89 @@ def sample_command(bins_path, ratio, seed, allocation, out, export_dir, source, 
         click.echo(f"exported {subset.indices.shape[0]} samples to {export_dir}")
 
 
+def _subset_sources(manifest: dict, recorded_input: bool) -> dict:
+    """{name: path} of what a subset was drawn from — its bins, the feature set they name and
+    that set's files — and with ``recorded_input`` the data the feature set was extracted from.
+    Read leniently: a missing sidecar is for the export to report."""
+    sources = {f"the input {path.name}": path for path in subset_sources(manifest)}
+    sidecar_path = manifest.get("features_sidecar")
+    if recorded_input and isinstance(sidecar_path, str) and Path(sidecar_path).is_file():
+        sources["the features' input"] = read_sidecar(Path(sidecar_path))["source"]["path"]
+    return sources
+
+
 # --------------------------------------------------------------------------- run
+
+
+def _config_option(*flags: str, name: str, help: str, **extra):
+    """A ``dqk run`` option for the config field ``name``, typed by its entry of CONFIG_TYPES."""
+    if isinstance(CONFIG_TYPES[name], click.types.BoolParamType):
+        return click.option(*flags, name, default=None, help=help, **extra)
+    return click.option(*flags, name, type=CONFIG_TYPES[name], help=help, **extra)
 
 
 @cli.command("run")
 @click.argument("config_path", metavar="[CONFIG]", required=False, type=_EXISTING_FILE)
-@click.option("--input", "input_path", type=click.Path(exists=True, path_type=Path),
-              help="Image folder, .npy/.npz images, or .json/.jsonl instruction data.")
-@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Directory for features/, bins.npz and subset.npy.")
-@click.option("--model", help="timm model name. Default: resnet18.")
-@click.option("--checkpoint", type=_EXISTING_FILE, help="Local weights for --model. Default: random init.")
-@click.option("--mode", type=click.Choice(FEATURE_MODES), help="Feature mode. Default: pooled.")
-@click.option("--grad-delta", type=click.Choice(GRAD_DELTAS), help="Gradient delta. Default: standard.")
-@click.option("--text-model", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Local sentence-embedding model directory for instruction data.")
-@click.option("--img-size", type=click.IntRange(min=8), help="Image size in pixels. Default: the model's.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size for features. Default: 64.")
-@click.option("--device", type=DEVICE, help="cpu, cuda or cuda:N for features. Default: cuda when available.")
-@click.option("--workers", type=click.IntRange(min=0), help="Image-decoding processes. Default: 0.")
-@click.option("--bins", type=click.IntRange(min=1), help="Number of bins. Default: 10.")
-@click.option("--per-class/--no-per-class", default=None,
-              help="Bin each class on its own when labels are known. Default: per class.")
-@click.option("--metric", type=click.Choice(METRICS), help="Distance. Default: cosine.")
-@click.option("--bin-device", type=DEVICE, help="cpu, cuda or cuda:N for binning. Default: the library's choice.")
-@click.option("--backend", type=click.Choice(BACKENDS), help="Kernel backend. Default: auto.")
-@click.option("--sizes", type=click.Choice(["split", "official"]), help="Bin sizes rule. Default: split.")
-@click.option("--ratio", type=click.FloatRange(0, 1, min_open=True), help="Fraction kept, in (0, 1]. Default: 0.1.")
-@click.option("--seed", type=int, help="Sampling seed. Default: 0.")
-@click.option("--allocation", type=click.Choice(ALLOCATIONS), help="Per-bin counts rule. Default: exact.")
-@click.option("--export", type=click.Path(path_type=Path), help="Write the subset in the input's format here.")
-@click.option("--link/--copy", default=None, help="Export images as symlinks instead of copies. Default: copy.")
-@click.option("--drop", type=click.FloatRange(0, 1, max_open=True),
-              help="Also quantize the subset's pixels: drop this fraction of each image's patches "
-                   "(GradCAM++) into WORK_DIR/patches. Default: no pixel stage.")
+@_config_option("--input", name="input", help="Image folder, .npy/.npz images, or .json/.jsonl instruction data.")
+@_config_option("--work-dir", name="work_dir", help="Directory for features/, bins.npz, subset.npy and run.json.")
+@_config_option("--model", name="model", help="timm model name. Default: resnet18.")
+@_config_option("--checkpoint", name="checkpoint", help="Local weights for --model. Default: random init.")
+@_config_option("--mode", name="mode", help="Feature mode. Default: pooled.")
+@_config_option("--grad-delta", name="grad_delta", help="Gradient delta. Default: standard.")
+@_config_option("--text-model", name="text_model",
+                help="Local sentence-embedding model directory for instruction data.")
+@_config_option("--num-classes", name="num_classes",
+                help="Classifier size. Default: the checkpoint's, else the number of classes in the data.")
+@_config_option("--img-size", name="img_size", help="Image size in pixels. Default: the model's.")
+@_config_option("--batch-size", name="batch_size", help="Batch size for features (and quantize). Default: 64.")
+@_config_option("--device", name="device", help="cpu, cuda or cuda:N for features. Default: cuda when available.")
+@_config_option("--workers", name="workers", help="Image-decoding processes. Default: 0.")
+@_config_option("--strict/--no-strict", name="strict", help="Stop at the first unreadable image. Default: skip it.")
+@_config_option("--feature-seed", name="feature_seed",
+                help="Seed of the random model initialisation without --checkpoint. Default: 0.")
+@_config_option("--verify-inputs/--no-verify-inputs", name="verify_inputs",
+                help="Hash the content of every input image to decide whether the features stage can be "
+                     "reused, instead of trusting each file's size and modification time. Default: off.")
+@_config_option("--bins", name="bins", help="Number of bins. Default: 10.")
+@_config_option("--per-class/--no-per-class", name="per_class",
+                help="Bin each class on its own when labels are known. Default: per class.")
+@_config_option("--metric", name="metric", help="Distance. Default: cosine.")
+@_config_option("--lam", name="lam", help="GraphCut lambda (> 0). Default: 1.")
+@_config_option("--bin-device", name="bin_device",
+                help="cpu, cuda or cuda:N for binning. Default: the library's choice.")
+@_config_option("--backend", name="backend", help="Kernel backend. Default: auto.")
+@_config_option("--sizes", name="sizes", help="Bin sizes rule. Default: split.")
+@_config_option("--ratio", name="ratio", help="Fraction kept, in (0, 1]. Default: 0.1.")
+@_config_option("--seed", name="seed", help="Sampling seed. Default: 0.")
+@_config_option("--allocation", name="allocation", help="Per-bin counts rule. Default: exact.")
+@_config_option("--export", name="export", help="Write the subset in the input's format into this directory.")
+@_config_option("--link/--copy", name="link", help="Export images as symlinks instead of copies. Default: copy.")
+@_config_option("--drop", name="drop",
+                help="Also quantize the subset's pixels: drop this fraction of each image's patches "
+                     "(GradCAM++) into WORK_DIR/patches. Default: no pixel stage.")
+@_config_option("--quantize-img-size", name="quantize_img_size",
+                help="Pixel stage: images are resized to this square size. Default: 224.")
+@_config_option("--quantize-grid", name="quantize_grid", help="Pixel stage: patches per side. Default: 14.")
+@_config_option("--cam-model", name="cam_model", help="Pixel stage: timm CNN scoring the patches. Default: resnet18.")
+@_config_option("--cam-checkpoint", name="cam_checkpoint",
+                help="Pixel stage: local weights for --cam-model. Default: random init.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def run_command(config_path: Optional[Path], quiet: bool, **options):
     """Run features -> bins -> sample (-> export) (-> quantize) in one go, resumably.
 
-    CONFIG is a YAML file of option names (e.g. `input: data/`, `bins: 10`, `ratio: 0.1`;
-    also `num_classes`, `lam`, `strict`, `feature_seed`, and for the pixel stage
-    `quantize_img_size`, `quantize_grid`, `cam_model`, `cam_checkpoint`, which have no option here), with
-    paths relative to the file; command-line options override it. A stage whose inputs and
-    options have not changed since its output was written is reused.
+    CONFIG is a YAML file whose keys are the option names (e.g. `input: data/`, `bins: 10`,
+    `ratio: 0.1`, `per_class: false`); paths are relative to the file, and command-line options
+    override it. A value is checked exactly as the option of that name checks it (booleans
+    must be YAML true/false), unknown keys are refused, and the whole config is checked before
+    any stage runs. A stage is reused when its inputs (by content; image folders by file
+    size and time, or content with --verify-inputs), its options and its recorded outputs are
+    unchanged.
     """
     config = pipeline.PipelineConfig.from_yaml(config_path) if config_path else pipeline.PipelineConfig()
-    for name, value in options.items():
-        if value is not None:
-            field_name = "input" if name == "input_path" else name
-            setattr(config, field_name, str(value) if isinstance(value, Path) else value)
-    pipeline.run_pipeline(config, log=click.echo, progress=_show_progress(quiet))
+    given = {name: value for name, value in options.items() if value is not None}
+    config = replace(config, **{name: str(value) if isinstance(value, Path) else value
+                                for name, value in given.items()})
+    pipeline.run_pipeline(config, log=click.echo, progress=_show_progress(quiet), inputs={"CONFIG": config_path})
 
 
 # --------------------------------------------------------------------------- info

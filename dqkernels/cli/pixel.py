@@ -5,7 +5,7 @@
 
 Thin wrappers over :func:`dqkernels.pixel.gradcam.quantize_images` and
 :func:`dqkernels.pixel.mae.reconstruct_store`; registered on the ``dqk`` group, whose error handling
-turns a bad input into one ``Error: ...`` line.
+turns a bad input into one ``Error: ...`` line. Neither writes into, over or around its inputs.
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from pathlib import Path
 
 import click
 
+from dqkernels.core.paths import refuse_overlap
+from dqkernels.formats.subset import manifest_path
+from dqkernels.pipeline.runner import DEVICE
 from dqkernels.pixel.gradcam import CAM_MODES, CAM_TARGETS, DEFAULT_DROP
 
 MAE_ARCH_NAMES = ("base", "large", "huge")
@@ -29,8 +32,11 @@ def _show_progress(quiet: bool) -> bool:
 @click.option("--images", "images_path", required=True, type=click.Path(exists=True, path_type=Path),
               help="The data set: an image folder (one subfolder per class) or a .npy/.npz image array.")
 @click.option("--subset", "subset_path", type=_EXISTING_FILE,
-              help="Subset .npy of sample ids from `dqk sample`; ids map to images through the feature "
-                   "set named in its manifest. Default: every image.")
+              help="Subset .npy of sample ids from `dqk sample`; ids map to images through the items "
+                   "(path and size) of the feature set named in its manifest. Default: every image.")
+@click.option("--features", "features_path", type=click.Path(exists=True, path_type=Path),
+              help="The feature set (directory or features.json) the --subset ids are rows of. Default: the "
+                   "one the subset's manifest names, or the features.json beside the subset if that moved.")
 @click.option("--drop", type=click.FloatRange(0, 1, max_open=True), default=DEFAULT_DROP, show_default=True,
               help="Fraction of each image's patches to drop, in [0, 1); floor(patches x (1 - drop)) are kept.")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -52,20 +58,28 @@ def _show_progress(quiet: bool) -> bool:
                    "straight to the patch grid, as the official code.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Images per GradCAM++ forward/backward pass.")
-@click.option("--device", help="cpu, cuda or cuda:N. Default: cuda when available.")
+@click.option("--device", type=DEVICE, help="cpu, cuda or cuda:N. Default: cuda when available.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Image-decoding processes for image folders (0 = decode in this process).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the CAM model's random initialisation when there is no --cam-checkpoint.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def quantize_command(images_path, subset_path, drop, out_dir, img_size, grid, cam_model, cam_checkpoint,
-                     cam_layer, target, mode, batch_size, device, workers, seed, quiet):
+def quantize_command(images_path, subset_path, features_path, drop, out_dir, img_size, grid, cam_model,
+                     cam_checkpoint, cam_layer, target, mode, batch_size, device, workers, seed, quiet):
     """Keep the informative patches of each image (GradCAM++) in a patch store."""
     from dqkernels.pixel.gradcam import quantize_images
 
+    refuse_overlap(
+        {"--images": images_path, "--subset": subset_path,
+         "the subset's manifest": manifest_path(subset_path) if subset_path is not None else None,
+         "--features": features_path, "--cam-checkpoint": cam_checkpoint},
+        {"-o/--out": out_dir},
+        folders={"-o/--out"},
+        shallow={"--features"},
+    )
     outcome = quantize_images(
-        images_path, out_dir, subset=subset_path, drop=drop, img_size=img_size, grid=grid,
-        cam_model=cam_model, cam_checkpoint=cam_checkpoint, cam_layer=cam_layer, target=target,
+        images_path, out_dir, subset=subset_path, features=features_path, drop=drop, img_size=img_size,
+        grid=grid, cam_model=cam_model, cam_checkpoint=cam_checkpoint, cam_layer=cam_layer, target=target,
         mode=mode, batch_size=batch_size, device=device, workers=workers, seed=seed,
         progress=_show_progress(quiet),
     )
@@ -87,12 +101,13 @@ def quantize_command(images_path, subset_path, drop, out_dir, img_size, grid, ca
               help="New ImageFolder directory for the PNG images and samples.jsonl (must be missing or empty).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Images per MAE pass.")
-@click.option("--device", help="cpu, cuda or cuda:N. Default: cuda when available (float16 autocast).")
+@click.option("--device", type=DEVICE, help="cpu, cuda or cuda:N. Default: cuda when available (float16 autocast).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def reconstruct_command(store_path, mae_checkpoint, arch, out_dir, batch_size, device, quiet):
     """Rebuild the full images of PATCHES (from `dqk quantize`) with an MAE, as an ImageFolder tree."""
     from dqkernels.pixel.mae import reconstruct_store
 
+    refuse_overlap({"PATCHES": store_path, "--mae": mae_checkpoint}, {"-o/--out": out_dir}, folders={"-o/--out"})
     outcome = reconstruct_store(store_path, mae_checkpoint, out_dir, arch=arch, batch_size=batch_size,
                                 device=device, progress=_show_progress(quiet))
     click.echo(f"wrote {outcome.path}: {outcome.count} images of {outcome.height}x{outcome.width} "

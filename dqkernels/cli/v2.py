@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
+from dqkernels.core.paths import refuse_overlap
 from dqkernels.graphcut.api import METRICS
+from dqkernels.pipeline.runner import DEVICE
 from dqkernels.sampling import ALLOCATIONS
 from dqkernels.v2 import tobias
 from dqkernels.v2.run import MASK_MODELS, run_v2
@@ -50,7 +52,7 @@ from dqkernels.v2.run import MASK_MODELS, run_v2
               help="Feature model input side in pixels. Default: the model's.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Images per forward pass (masks, mask training and features).")
-@click.option("--device", help="cpu, cuda or cuda:N. Default: cuda when available.")
+@click.option("--device", type=DEVICE, help="cpu, cuda or cuda:N. Default: cuda when available.")
 @click.option("--metric", type=click.Choice(METRICS), default="cosine", show_default=True,
               help="Binning distance.")
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), default="exact", show_default=True,
@@ -65,6 +67,12 @@ def v2_command(images_path, out_dir, mask_checkpoint, masks_path, mask_model, **
     """
     if mask_checkpoint is not None and mask_model == "early":
         raise click.UsageError("--mask-checkpoint and --mask-model early exclude each other")
+    refuse_overlap(
+        {"--images": images_path, "--masks": masks_path, "--mask-checkpoint": mask_checkpoint,
+         "--checkpoint": options["checkpoint"]},
+        {"-o/--out-dir": out_dir},
+        folders={"-o/--out-dir"},
+    )
     outcome = run_v2(images_path, out_dir, mask_model=mask_model, mask_checkpoint=mask_checkpoint,
                      masks=masks_path, log=click.echo, **options)
     pool, kept = outcome.summary["pool"], outcome.summary["subset"]

@@ -84,7 +84,10 @@ def load_image_array(path: str | os.PathLike) -> tuple[np.ndarray, Optional[np.n
         else:
             images = np.load(path, mmap_mode="r")
             labels = None
-    except (OSError, EOFError, zipfile.BadZipFile) as error:
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as error:
+        # ValueError: numpy refusing pickled or malformed data (our own InputErrors pass through).
+        if isinstance(error, InputError):
+            raise
         raise InputError(f"cannot read images from {str(path)!r}: {error}") from error
     validate_image_array(images, str(path))
     if labels is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -48,20 +49,23 @@ def read_instruction_records(path: str | os.PathLike) -> InstructionRecords:
     path = Path(path)
     if path.suffix not in TEXT_SUFFIXES:
         raise InputError(f"instruction data {str(path)!r} must be a .json or .jsonl file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise InputError(f"{str(path)!r} is not UTF-8 text ({error})") from None
     if path.suffix == ".jsonl":
         lines = [line for line in text.splitlines() if line.strip()]
         records = []
         for line_number, line in enumerate(lines, start=1):
             try:
                 records.append(json.loads(line))
-            except json.JSONDecodeError as error:
+            except (json.JSONDecodeError, RecursionError) as error:
                 raise InputError(f"{str(path)!r}, record {line_number}: invalid JSON ({error})") from None
         file_format = "jsonl"
     else:
         try:
             records = json.loads(text)
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, RecursionError) as error:
             raise InputError(f"{str(path)!r}: invalid JSON ({error})") from None
         if not isinstance(records, list):
             raise InputError(f"{str(path)!r} must hold a JSON array of records")
@@ -120,7 +124,8 @@ def load_text_model(model_path: str | os.PathLike, device: Optional[str] = None)
     transformers_logging.disable_progress_bar()
     try:
         return SentenceTransformer(str(model_path), device=device, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as error:
+        # UnpicklingError: torch's safe loader refused weights that would run code.
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"cannot load text model {str(model_path)!r}: {first_line}") from error
 

@@ -50,8 +50,8 @@ class BinResult:
     order: (M,) int64 sample ids in pick order, bin after bin.
     bin_offsets: (N+1,) int64; bin n is order[bin_offsets[n]:bin_offsets[n+1]].
     labels: (M,) int64 class of each sample when binned per class, else None.
-    backend: the engine that ran ("cpu", "reference"); form: "gram", "stream", "gram+stream"
-    (per class), or "reference".
+    backend: the engine that ran ("cpu", "reference", "torch", "triton-persistent",
+    "triton-fused"); form: "gram", "stream", "gram+stream" (per class), or "reference".
     meta: metric, lam, bins, per_class, M, dims, dtype, precision, sizes, version, checksum.
     """
 

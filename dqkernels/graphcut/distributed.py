@@ -54,12 +54,16 @@ from dqkernels.graphcut.api import (
     _assemble,
     _choose_forms,
     _version,
-    check_engine_order,
     bins_and_precision,
+    check_engine_order,
     default_memory_budget,
     problem_layout,
 )
-from dqkernels.graphcut.prepare import power_of_two_exponent, unit_rows, working_features
+from dqkernels.graphcut.prepare import (
+    power_of_two_exponent,
+    unit_rows,
+    working_features,
+)
 from dqkernels.graphcut.prepare import row_chunks as _row_chunks
 from dqkernels.graphcut.sizes import split_sizes
 

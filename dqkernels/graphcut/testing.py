@@ -7,7 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from dqkernels.core.validate import GradEmbedding, as_float_matrix
-from dqkernels.graphcut.prepare import gradient_unit_factors, power_of_two_exponent, unit_rows
+from dqkernels.graphcut.prepare import (
+    gradient_unit_factors,
+    power_of_two_exponent,
+    unit_rows,
+)
 from dqkernels.graphcut.sizes import bin_sizes_per_problem
 
 

@@ -30,6 +30,7 @@ import math
 import os
 import shutil
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -201,10 +202,15 @@ def _pooled_features(network, images: list, *, img_size, batch_size, device) -> 
 def _load_stored_masks(path: Path, source: _ImageSource, grid: int) -> tuple[np.ndarray, dict]:
     """Masks and their metadata from a ``masks.npz`` of an earlier run on the same input."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError("it holds one array, not the masks archive")
+        with archive:
             masks = archive["masks"]
             meta = json.loads(str(archive["meta"]))
-    except (OSError, KeyError, ValueError, EOFError) as error:
+        if not isinstance(meta, dict):
+            raise ValueError("its metadata is not a JSON object")
+    except (OSError, KeyError, ValueError, EOFError, RecursionError, zipfile.BadZipFile) as error:
         raise InputError(f"{str(path)!r} is not a masks file written by dqk v2 ({error})") from None
     if meta.get("input_fingerprint") != source.fingerprint:
         raise InputError(f"masks {str(path)!r} were computed for other images than {str(source.path)!r}")
