@@ -209,14 +209,7 @@ def graphcut_bins(
         dims = [int(user_features.shape[1])]
     m = len(user_features[0]) if isinstance(user_features, GradEmbedding) else len(user_features)
     n_bins, precision = bins_and_precision(bins, m, precision, input_dtype)
-    if memory_budget is None:
-        memory_budget = default_memory_budget()
-    else:
-        memory_budget = as_positive_int(memory_budget, "memory_budget")
-    if threads is not None:
-        threads = as_positive_int(threads, "threads")
-        if threads > MAX_THREADS:
-            raise InputError(f"threads must be at most {MAX_THREADS}, got {threads}")
+    memory_budget, threads = budget_and_threads(memory_budget, threads, default_memory_budget)
 
     label_array, perm, bin_sizes, offsets = problem_layout(labels, m, n_bins, sizes)
 
@@ -286,14 +279,9 @@ def _graphcut_bins_device(
     prepared = device_prepare.device_features(features, device)
     m = prepared.m
     n_bins, precision = bins_and_precision(bins, m, precision, prepared.input_dtype)
-    if memory_budget is None:
-        memory_budget = device_prepare.default_budget(device, default_memory_budget)
-    else:
-        memory_budget = as_positive_int(memory_budget, "memory_budget")
-    if threads is not None:
-        threads = as_positive_int(threads, "threads")
-        if threads > MAX_THREADS:
-            raise InputError(f"threads must be at most {MAX_THREADS}, got {threads}")
+    memory_budget, threads = budget_and_threads(
+        memory_budget, threads, lambda: device_prepare.default_budget(device, default_memory_budget)
+    )
     label_tensor = None if labels is None else device_prepare.device_labels(labels, m, device)
     perm, class_counts = device_prepare.group_by_label(label_tensor, m, device)
     if isinstance(sizes, str):
@@ -337,6 +325,16 @@ def _triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def budget_and_threads(memory_budget, threads, default_budget):
+    """Checked (memory_budget bytes, threads or None); ``default_budget()`` when no budget."""
+    memory_budget = default_budget() if memory_budget is None else as_positive_int(memory_budget, "memory_budget")
+    if threads is not None:
+        threads = as_positive_int(threads, "threads")
+        if threads > MAX_THREADS:
+            raise InputError(f"threads must be at most {MAX_THREADS}, got {threads}")
+    return memory_budget, threads
 
 
 def bins_and_precision(bins, m: int, precision, input_dtype) -> tuple:

@@ -31,6 +31,16 @@ CONFIGS = (
 
 
 @triton.jit
+def _merge_block_max(score, cols, n, best, best_pos):
+    """(best, best_pos) after one more block: the block's maximum and the smallest index holding
+    it, taken only when strictly greater — earlier blocks hold smaller indices, so ties stay left."""
+    top = tl.max(score, axis=0)
+    top_pos = tl.min(tl.where(score == top, cols, n), axis=0)
+    better = top > best
+    return tl.where(better, top, best), tl.where(better, top_pos, best_pos)
+
+
+@triton.jit
 def _persistent_bins(
     gram_ptr,  # (Σ n_p²,) float32/float64 packed Gram matrices
     gram_offsets_ptr,  # (P,) int64
@@ -64,11 +74,7 @@ def _persistent_bins(
             c2 = tl.load(c2_ptr + lo + cols, mask=inside, other=float("inf"))
             tl.store(c1_ptr + lo + cols, tl.zeros((BLOCK,), tl.float64), mask=inside)
             score = -lam * c2
-            top = tl.max(score, axis=0)
-            top_pos = tl.min(tl.where(score == top, cols, n), axis=0)
-            better = top > best
-            best = tl.where(better, top, best)
-            best_pos = tl.where(better, top_pos, best_pos)
+            best, best_pos = _merge_block_max(score, cols, n, best, best_pos)
         tl.debug_barrier()
         for t in range(0, steps):
             pick = best_pos
@@ -90,11 +96,7 @@ def _persistent_bins(
                 tl.store(c1_ptr + lo + cols, c1, mask=inside)
                 tl.store(c2_ptr + lo + cols, c2, mask=inside)
                 score = c1_weight * c1 - lam * c2
-                top = tl.max(score, axis=0)
-                top_pos = tl.min(tl.where(score == top, cols, n), axis=0)
-                better = top > best
-                best = tl.where(better, top, best)
-                best_pos = tl.where(better, top_pos, best_pos)
+                best, best_pos = _merge_block_max(score, cols, n, best, best_pos)
             tl.debug_barrier()
 
     # The last bin: every sample still in the pool, ascending.
