@@ -3,6 +3,8 @@
     train_set = DQSubset(ImageFolder("data/train"), "feats/subset.npy")   # a smaller Dataset
     # or keep the full dataset and sample only the chosen samples:
     loader = DataLoader(full_set, batch_size=128, sampler=DQSubsetSampler("subset.npy", dataset=full_set))
+    # under DDP (torchrun) the same line gives each process its share; call
+    # loader.sampler.set_epoch(epoch) before every epoch, as with DistributedSampler.
 
 The subset file is the ``.npy`` of sorted sample ids written by ``dqk sample``. An id is a row of
 the feature set the subset was drawn from (docs/method.md §3.5), not a position in whatever
@@ -27,7 +29,7 @@ from typing import Iterator, Optional, Union
 import numpy as np
 from torch.utils.data import Dataset, Sampler
 
-from dqkernels.core.errors import InputError
+from dqkernels.core.errors import InputError, InputTypeError
 from dqkernels.formats.feature_set import IdOrigin, id_origin
 from dqkernels.formats.items import Item, check_item_path, resolve_item
 from dqkernels.formats.subset import load_subset_indices
@@ -182,15 +184,48 @@ class DQSubset(Dataset):
         return self.dataset[int(self.positions[position])]
 
 
+def _distributed_defaults(num_replicas, rank) -> tuple[int, int]:
+    """(num_replicas, rank): the given values, else those of the initialised default process group,
+    else (1, 0). InputError (InputTypeError for non-integers) unless 0 <= rank < num_replicas."""
+    if num_replicas is None or rank is None:
+        import torch.distributed as dist
+
+        initialised = dist.is_available() and dist.is_initialized()
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if initialised else 1
+        if rank is None:
+            rank = dist.get_rank() if initialised else 0
+    for name, value in (("num_replicas", num_replicas), ("rank", rank)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise InputTypeError(f"{name} must be an integer, got {value!r}")
+    if num_replicas < 1:
+        raise InputError(f"num_replicas must be at least 1, got {num_replicas}")
+    if not 0 <= rank < num_replicas:
+        raise InputError(f"rank must be in [0, {num_replicas - 1}] for num_replicas={num_replicas}, got {rank}")
+    return int(num_replicas), int(rank)
+
+
 class DQSubsetSampler(Sampler[int]):
-    """Yields the dataset positions of a subset's samples, for ``DataLoader(dataset, sampler=...)``.
+    """Yields the dataset positions of a subset's samples, for ``DataLoader(dataset, sampler=...)``;
+    under DDP each process gets its own share, as with ``torch.utils.data.DistributedSampler``.
 
     dataset: the dataset the loader reads; ids are resolved against it as :class:`DQSubset`
         does (by path for folder datasets). Required unless ``positional=True``.
     features / positional: as for :class:`DQSubset`.
-    shuffle: a new permutation every epoch, drawn from ``numpy.random.default_rng((seed, epoch))``;
-        call ``set_epoch(epoch)`` before each epoch (as with DistributedSampler) to change it.
+    shuffle: a new permutation every epoch, drawn from ``numpy.random.default_rng((seed, epoch))``
+        (the same on every rank); call ``set_epoch(epoch)`` before each epoch to change it.
         Without shuffle the samples come in id order.
+    num_replicas, rank: how many processes share the subset and which one this is. Default: the
+        world size and rank of the initialised ``torch.distributed`` process group, else 1 and 0.
+    drop_last: as for DistributedSampler. False: the epoch's order is padded by repeating its
+        first positions up to a multiple of ``num_replicas``, so every rank gets
+        ceil(K / num_replicas) samples and together they cover the subset (a few twice). True:
+        its tail is dropped to a multiple of ``num_replicas``, so every rank gets
+        floor(K / num_replicas) and the shares are disjoint (those few samples skip this epoch).
+        Rank r takes positions r, r + num_replicas, r + 2·num_replicas, … of that order.
+
+    ``indices``: (K,) int64 the subset's ids; ``positions``: (K,) int64 where they are in ``dataset``.
+    ``len(sampler)`` is the number of samples this rank yields per epoch.
     """
 
     def __init__(
@@ -202,6 +237,9 @@ class DQSubsetSampler(Sampler[int]):
         dataset=None,
         features: Optional[str | os.PathLike] = None,
         positional: bool = False,
+        num_replicas: Optional[int] = None,
+        rank: Optional[int] = None,
+        drop_last: bool = False,
     ):
         self.indices = _subset_indices(subset_file)
         if dataset is None:
@@ -214,20 +252,31 @@ class DQSubsetSampler(Sampler[int]):
         else:
             origin = id_origin(subset_file, features)
             self.positions = resolve_subset_positions(dataset, self.indices, origin, positional)
+        self.num_replicas, self.rank = _distributed_defaults(num_replicas, rank)
         self.shuffle = shuffle
         self.seed = seed
+        self.drop_last = bool(drop_last)
         self.epoch = 0
+        count = int(self.positions.shape[0])
+        if self.drop_last:
+            self.num_samples = count // self.num_replicas
+        else:
+            self.num_samples = -(-count // self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the permutation of the coming epoch."""
+        """Choose the permutation of the coming epoch (give every rank the same epoch)."""
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return int(self.indices.shape[0])
+        return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
             order = np.random.default_rng((self.seed, self.epoch)).permutation(self.positions)
         else:
             order = self.positions
-        return iter(order.tolist())
+        if order.shape[0] and self.total_size > order.shape[0]:
+            order = np.resize(order, self.total_size)  # repeats the order from its start
+        order = order[: self.total_size]
+        return iter(order[self.rank :: self.num_replicas].tolist())

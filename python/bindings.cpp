@@ -3,6 +3,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -18,10 +19,33 @@ template <typename T>
 using CArray = py::array_t<T, py::array::c_style>;
 using Int64Array = py::array_t<int64_t, py::array::c_style>;
 
+// The engine adds to the caller's int64 with relaxed atomic adds while another Python thread
+// reads it. C++17 has no std::atomic_ref, so the 8-byte int64 is used in place as a
+// std::atomic<int64_t>: sound only where that type is lock-free and laid out as a plain int64,
+// which is checked at compile time, and where the element is aligned, checked here.
+static_assert(std::atomic<int64_t>::is_always_lock_free, "progress counter needs lock-free int64 atomics");
+static_assert(sizeof(std::atomic<int64_t>) == sizeof(int64_t) &&
+                  alignof(std::atomic<int64_t>) == alignof(int64_t),
+              "progress counter needs std::atomic<int64_t> laid out as int64_t");
+
+dqk::ProgressCounter* progress_counter(const py::object& progress) {
+  if (progress.is_none()) return nullptr;
+  if (!py::isinstance<py::array>(progress))
+    throw py::type_error("progress must be None or a 1-element int64 numpy array");
+  py::array arr = progress.cast<py::array>();
+  if (!arr.dtype().is(py::dtype::of<int64_t>()) || arr.size() != 1 || !arr.writeable())
+    throw std::invalid_argument("progress must be a writeable 1-element int64 numpy array");
+  void* data = arr.mutable_data();
+  if (reinterpret_cast<std::uintptr_t>(data) % alignof(dqk::ProgressCounter) != 0)
+    throw std::invalid_argument("progress must be an aligned int64 array");
+  return reinterpret_cast<dqk::ProgressCounter*>(data);
+}
+
 template <typename T>
 Int64Array run_typed(const CArray<T>& x, const py::object& embed_obj, const Int64Array& offsets,
                      const Int64Array& bin_sizes, double lam,
-                     const py::array_t<bool, py::array::c_style>& use_gram, int n_threads) {
+                     const py::array_t<bool, py::array::c_style>& use_gram, int n_threads,
+                     dqk::ProgressCounter* progress) {
   if (x.ndim() != 2) throw std::invalid_argument("x must be 2-D");
   const int64_t m = x.shape(0), d = x.shape(1);
   const T* embed = nullptr;
@@ -60,20 +84,22 @@ Int64Array run_typed(const CArray<T>& x, const py::object& embed_obj, const Int6
   }
   {
     py::gil_scoped_release release;
-    dqk::run_graphcut(problems, gram_flags, n_threads);
+    dqk::run_graphcut(problems, gram_flags, n_threads, progress);
   }
   return order;
 }
 
 py::array graphcut_cpu(const py::array& x, const py::object& embed, const Int64Array& offsets,
                        const Int64Array& bin_sizes, double lam,
-                       const py::array_t<bool, py::array::c_style>& use_gram, int n_threads) {
+                       const py::array_t<bool, py::array::c_style>& use_gram, int n_threads,
+                       const py::object& progress) {
+  dqk::ProgressCounter* counter = progress_counter(progress);
   if (x.dtype().is(py::dtype::of<float>()))
     return run_typed<float>(x.cast<CArray<float>>(), embed, offsets, bin_sizes, lam, use_gram,
-                            n_threads);
+                            n_threads, counter);
   if (x.dtype().is(py::dtype::of<double>()))
     return run_typed<double>(x.cast<CArray<double>>(), embed, offsets, bin_sizes, lam, use_gram,
-                             n_threads);
+                             n_threads, counter);
   throw py::type_error("x must be float32 or float64");
 }
 
@@ -100,12 +126,14 @@ py::array gram_cpu(const py::array& x, int n_threads) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dqkernels CPU engine: GraphCut bin generation (docs/method.md §1).";
   m.def("graphcut_cpu", &graphcut_cpu, py::arg("x"), py::arg("embed"), py::arg("offsets"),
-        py::arg("bin_sizes"), py::arg("lam"), py::arg("use_gram"), py::arg("n_threads") = 0,
+        py::arg("bin_sizes"), py::arg("lam"), py::arg("use_gram"), py::arg("n_threads") = 0, py::arg("progress") = py::none(),
         "Greedy GraphCut bins for independent problems.\n\n"
         "x: (M, d) float32/float64 C-contiguous, rows grouped by problem; embed: None or (M, D)\n"
         "(then x is δ of a gradient embedding); offsets: (P+1,) int64 row offsets of the\n"
         "problems; bin_sizes: (P, N) int64; use_gram: (P,) bool. Returns (M,) int64 local ids\n"
-        "in pick order per problem, at the problem's row offset.");
+        "in pick order per problem, at the problem's row offset. progress: None or a 1-element\n"
+        "int64 array the engine adds its greedy steps to (picks in every bin but the last) with\n"
+        "relaxed atomic adds while it runs without the GIL, so another thread may poll it.");
   m.def("gram_cpu", &gram_cpu, py::arg("x"), py::arg("n_threads") = 0,
         "x·xᵀ for x (n, d) float32/float64 with the engine's SYRK kernel; returns (n, n).");
   m.def("cpu_isa", &dqk::cpu_isa, "Instruction set the CPU engine dispatches to.");

@@ -150,5 +150,6 @@ def digits_features_fixture(tmp_path_factory, digits_folder) -> Path:
     return shared_directory(
         tmp_path_factory,
         "digits-features",
-        lambda path: extract_features(digits_folder, path, model="resnet18", img_size=32, device="cpu"),
+        lambda path: extract_features(digits_folder, path, model="resnet18", img_size=32, device="cpu",
+                                      random_init=True),
     )

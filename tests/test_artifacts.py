@@ -241,7 +241,7 @@ def tiny_digits_fixture(tmp_path_factory) -> Path:
 
 
 def _features_args(images: Path, out: Path, seed: int = 0) -> list:
-    return ["features", images, "-o", out, "--img-size", 16, "--device", "cpu", "--seed", seed, "-q"]
+    return ["features", images, "-o", out, "--img-size", 16, "--device", "cpu", "--seed", seed, "-q", "--random-init"]
 
 
 def _check_feature_set(out: Path) -> None:

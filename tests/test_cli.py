@@ -51,7 +51,7 @@ def test_every_command_has_help(command):
 
 def test_digits_image_folder_end_to_end(tmp_path, digits_folder):
     features = tmp_path / "feats"
-    result = _ok(["features", digits_folder, "-o", features, "--img-size", 32, "--device", "cpu"])
+    result = _ok(["features", digits_folder, "-o", features, "--img-size", 32, "--device", "cpu", "--random-init"])
     assert "random-init" in result.output
     sidecar = json.loads((features / "features.json").read_text())
     assert sidecar["checkpoint"] == "random-init" and sidecar["count"] == 40
@@ -77,7 +77,7 @@ def test_digits_image_folder_end_to_end(tmp_path, digits_folder):
 def test_photo_tiles_end_to_end_with_symlinks(tmp_path):
     photos = write_photo_tiles_folder(tmp_path / "photos")
     features = tmp_path / "feats"
-    _ok(["features", photos, "-o", features, "--img-size", 48, "--device", "cpu", "--workers", 2])
+    _ok(["features", photos, "-o", features, "--img-size", 48, "--device", "cpu", "--workers", 2, "--random-init"])
     result = _ok(["bin", "--features", features, "--bins", 3, "--no-labels", "-o", tmp_path / "bins.npz"])
     assert "per class" not in result.output
     export = tmp_path / "export"
@@ -112,7 +112,7 @@ def test_labelled_npz_gradient_mode_end_to_end(tmp_path):
     images, labels = digits_arrays(30)
     np.savez(tmp_path / "digits.npz", images=images, labels=labels)
     features = tmp_path / "grad"
-    _ok(["features", tmp_path / "digits.npz", "-o", features, "--mode", "gradient", "--device", "cpu"])
+    _ok(["features", tmp_path / "digits.npz", "-o", features, "--mode", "gradient", "--device", "cpu", "--random-init"])
     sidecar = json.loads((features / "features.json").read_text())
     assert sidecar["dims"] == {"delta": 10, "embed": 512} and not (features / "feats.npy").exists()
     assert sidecar["img_size"] == 224 and sidecar["source"]["format"] == "npz"
@@ -181,6 +181,7 @@ def test_run_from_yaml_reuses_finished_stages(tmp_path, digits_folder):
     config = tmp_path / "dq.yaml"
     config.write_text(
         f"input: {digits_folder}\nwork_dir: work\nimg_size: 32\ndevice: cpu\nbins: 4\nratio: 0.25\nexport: out\n"
+        "random_init: true\n"
     )
     first = _ok(["run", config, "-q"]).output
     assert [line.split(":")[0] + ":" + line.split()[1] for line in first.splitlines()] == [
@@ -249,15 +250,14 @@ BAD_INVOCATIONS = {
     "corrupt bins": (["sample", "--bins", "corrupt_bins.npz", "--ratio", "0.5"], 1, "bins"),
     "export into non-empty directory": (
         ["sample", "--bins", "bins.npz", "--ratio", "0.5", "--export", "not_empty"], 1, "not empty"),
-    "empty folder": (["features", "empty_folder", *IMAGE_OPTIONS], 1, "holds no images"),
-    "unknown model": (["features", "images", *IMAGE_OPTIONS, "--model", "resnet19"], 1, "unknown timm model"),
+    "empty folder": (["features", "empty_folder", *IMAGE_OPTIONS, "--random-init"], 1, "holds no images"),
+    "unknown model": (["features", "images", *IMAGE_OPTIONS, "--random-init", "--model", "resnet19"], 1, "unknown timm model"),
     "checkpoint does not fit": (["features", "images", *IMAGE_OPTIONS, "--checkpoint", "unfit.pth"], 1,
                                 "does not fit resnet18"),
-    "unreadable image, strict": (["features", "images", *IMAGE_OPTIONS, "--strict"], 1,
+    "unreadable image, strict": (["features", "images", *IMAGE_OPTIONS, "--random-init", "--strict"], 1,
                                  "cannot read image"),
-    "gradient mode without labels": (["features", "unlabelled_images.npy", *IMAGE_OPTIONS, "--mode", "gradient"],
+    "gradient mode without labels": (["features", "unlabelled_images.npy", *IMAGE_OPTIONS, "--random-init", "--mode", "gradient"],
                                      1, "needs labels"),
-    "text without a text model": (["features", "data.jsonl", "-o", "out"], 1, "--text-model"),
     "official delta without gradient mode": (["features", "images", *IMAGE_OPTIONS, "--grad-delta", "official"],
                                              2, "--mode gradient only"),
     "info on a corrupt file": (["info", "corrupt.npy"], 1, "not a readable .npy"),

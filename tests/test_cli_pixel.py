@@ -62,7 +62,7 @@ def folder_with_a_broken_image(tmp_path):
 def test_quantize_and_reconstruct_end_to_end(tmp_path, folder_with_a_broken_image, base_checkpoint):
     images = folder_with_a_broken_image
     features = tmp_path / "feats"
-    _ok(["features", images, "-o", features, "--img-size", 32, "--device", "cpu"])
+    _ok(["features", images, "-o", features, "--img-size", 32, "--device", "cpu", "--random-init"])
     _ok(["bin", "--features", features, "--bins", 3])
     _ok(["sample", "--bins", features / "bins.npz", "--ratio", 0.2, "--seed", 3, "-o", tmp_path / "subset.npy"])
     subset = np.load(tmp_path / "subset.npy")

@@ -18,7 +18,8 @@ from dqkernels.formats.subset import load_subset_indices
 from dqkernels.v2 import tobias
 
 # Small and fast: the mask model sees 64 px, the features 32 px, the swap runs at the digits' 32 px.
-FAST = ["--mask-px", "64", "--img-size", "32", "--cell-px", "8", "--batch-size", "16", "--device", "cpu"]
+FAST = ["--mask-px", "64", "--img-size", "32", "--cell-px", "8", "--batch-size", "16", "--device", "cpu",
+        "--random-init"]
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,8 @@ def test_exported_array_holds_originals_and_tobias_images_regenerated_from_recip
 
 def test_pool_features_of_the_originals_are_dqk_features(array_run, digits_npz, tmp_path):
     run = read_run(array_run[0])
-    pipeline.extract_features(digits_npz, tmp_path / "feats", img_size=32, batch_size=16, device="cpu")
+    pipeline.extract_features(digits_npz, tmp_path / "feats", img_size=32, batch_size=16, device="cpu",
+                              random_init=True)
     expected = np.load(tmp_path / "feats" / "feats.npy")
     np.testing.assert_allclose(run["pool_features"][:40], expected, rtol=1e-5, atol=1e-6)
 

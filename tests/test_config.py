@@ -115,7 +115,7 @@ def test_combinations_are_checked_before_any_stage(tmp_path, digits_folder):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("keep")
     cases = [
-        (["--input", text, "--drop", "0.5"], "needs a local sentence-embedding model"),
+        (["--input", digits_folder], "the image model has no weights"),
         (["--input", text, "--text-model", tmp_path / "taken", "--drop", "0.5"], "pixel quantization needs images"),
         (["--input", text, "--text-model", tmp_path / "taken", "--mode", "gradient"], "mode 'pooled' only"),
         (["--input", digits_folder, "--grad-delta", "official"], "grad_delta applies to mode 'gradient' only"),

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import dqkernels
 from dqkernels.data import DQSubset, DQSubsetSampler
@@ -74,3 +74,83 @@ def test_subset_sampler_resolves_against_the_dataset_it_samples(subset_file):
         DQSubsetSampler(subset_file)
     with pytest.raises(ValueError, match="subset was drawn from 100 samples but the dataset has 99"):
         DQSubsetSampler(subset_file, dataset=TensorDataset(torch.arange(99)))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("count", [1, 7, 12, 30])
+def test_ranks_share_the_subset_like_distributed_sampler(world_size, count):
+    """Shards are DistributedSampler's: padded to cover the subset, or trimmed to be disjoint."""
+    positions = np.arange(count) * 3 + 1
+    for drop_last in (False, True):
+        shards = [
+            list(DQSubsetSampler(positions, shuffle=True, seed=5, positional=True, num_replicas=world_size,
+                                 rank=rank, drop_last=drop_last))
+            for rank in range(world_size)
+        ]
+        sizes = {len(shard) for shard in shards}
+        expected = count // world_size if drop_last else -(-count // world_size)
+        assert sizes == {expected}
+        assert all(
+            len(DQSubsetSampler(positions, positional=True, num_replicas=world_size, rank=rank,
+                                drop_last=drop_last)) == expected
+            for rank in range(world_size)
+        )
+        taken = [position for shard in shards for position in shard]
+        assert set(taken) <= set(positions.tolist())
+        if drop_last:
+            assert len(set(taken)) == len(taken) == expected * world_size  # disjoint
+        else:
+            assert set(taken) == set(positions.tolist())  # covering
+            assert len(taken) - len(set(taken)) == expected * world_size - count  # only the padding repeats
+        # Without shuffle the shards are exactly DistributedSampler's over the subset's positions.
+        for rank in range(world_size):
+            ours = DQSubsetSampler(positions, shuffle=False, positional=True, num_replicas=world_size, rank=rank,
+                                   drop_last=drop_last)
+            theirs = DistributedSampler(range(count), num_replicas=world_size, rank=rank, shuffle=False,
+                                        drop_last=drop_last)
+            assert list(ours) == positions[list(theirs)].tolist()
+
+
+def test_set_epoch_reshuffles_every_rank_alike(subset_file, dataset):
+    chosen = np.load(subset_file).tolist()
+
+    def epoch_shards(epoch):
+        samplers = [DQSubsetSampler(subset_file, seed=3, dataset=dataset, num_replicas=4, rank=rank)
+                    for rank in range(4)]
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+        return [list(sampler) for sampler in samplers]
+
+    first, second = epoch_shards(0), epoch_shards(1)
+    assert first != second and first == epoch_shards(0)
+    for shards in (first, second):
+        assert set().union(*map(set, shards)) == set(chosen) and all(len(shard) == 8 for shard in shards)
+
+
+def test_defaults_come_from_the_process_group(monkeypatch, subset_file, dataset):
+    import torch.distributed as dist
+
+    whole = DQSubsetSampler(subset_file, shuffle=False, dataset=dataset)
+    assert (whole.num_replicas, whole.rank) == (1, 0) and list(whole) == np.load(subset_file).tolist()
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *args, **kwargs: 3)
+    monkeypatch.setattr(dist, "get_rank", lambda *args, **kwargs: 2)
+    sampler = DQSubsetSampler(subset_file, shuffle=False, dataset=dataset)
+    assert (sampler.num_replicas, sampler.rank, len(sampler)) == (3, 2, 10)
+    assert list(sampler) == list(whole)[2::3]
+    assert DQSubsetSampler(subset_file, dataset=dataset, rank=0).rank == 0  # an explicit value wins
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"num_replicas": 0, "rank": 0}, "num_replicas must be at least 1"),
+        ({"num_replicas": 2, "rank": 2}, r"rank must be in \[0, 1\]"),
+        ({"num_replicas": 2, "rank": -1}, r"rank must be in \[0, 1\]"),
+        ({"num_replicas": 2.0, "rank": 0}, "num_replicas must be an integer"),
+    ],
+)
+def test_bad_rank_or_world_size_is_an_input_error(subset_file, dataset, options, message):
+    with pytest.raises(ValueError, match=message):
+        DQSubsetSampler(subset_file, dataset=dataset, **options)

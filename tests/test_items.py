@@ -84,7 +84,7 @@ def extracted(tmp_path_factory):
     base = tmp_path_factory.mktemp("items")
     root = _write_folder(base / "images")
     features = base / "feats"
-    pipeline.extract_features(root, features, model="resnet18", img_size=32, device="cpu")
+    pipeline.extract_features(root, features, model="resnet18", img_size=32, device="cpu", random_init=True)
     subset_path = _draw_subset(features)
     return types.SimpleNamespace(
         root=root, features=features, subset=subset_path, ids=np.load(subset_path),

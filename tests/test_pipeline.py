@@ -50,7 +50,8 @@ def test_bare_npy_is_not_claimed_by_an_unrelated_sidecar(tmp_path):
 def test_gradient_feature_set_becomes_a_grad_embedding(tmp_path):
     images, labels = digits_arrays(12)
     np.savez(tmp_path / "digits.npz", images=images, labels=labels)
-    pipeline.extract_features(tmp_path / "digits.npz", tmp_path / "grad", mode="gradient", img_size=32, device="cpu")
+    pipeline.extract_features(tmp_path / "digits.npz", tmp_path / "grad", mode="gradient", img_size=32, device="cpu",
+                              random_init=True)
     feature_set = open_feature_set(tmp_path / "grad" / "embed.npy")
     assert isinstance(feature_set.features, dqkernels.GradEmbedding)
     assert feature_set.features.delta.shape == (12, 10) and feature_set.features.embed.shape == (12, 512)
@@ -84,14 +85,15 @@ def test_failed_stages_write_nothing(tmp_path, feature_dir):
     broken.mkdir(parents=True)
     (broken / "x.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="cannot read image"):
-        pipeline.extract_features(tmp_path / "images", tmp_path / "out", img_size=16, device="cpu", strict=True)
+        pipeline.extract_features(tmp_path / "images", tmp_path / "out", img_size=16, device="cpu", strict=True,
+                                  random_init=True)
     assert not (tmp_path / "out").exists()
 
 
 def test_skipped_images_are_recorded(tmp_path, digits_folder):
     images = shutil.copytree(digits_folder, tmp_path / "images")
     (images / "3" / "9999.png").write_bytes(b"not a png")
-    sidecar = pipeline.extract_features(images, tmp_path / "feats", img_size=32, device="cpu")
+    sidecar = pipeline.extract_features(images, tmp_path / "feats", img_size=32, device="cpu", random_init=True)
     assert sidecar["skipped"] == {"count": 1, "items": ["3/9999.png"]}
     assert sidecar["count"] == 40 and sidecar["source"]["count"] == 41
     with open(tmp_path / "feats" / "items.jsonl") as handle:
@@ -135,7 +137,8 @@ def test_export_never_replaces_or_nests_in_its_input(tmp_path, feature_dir, digi
 def test_export_of_arrays_checks_the_row_count_and_records_labels(tmp_path):
     images, labels = digits_arrays(12)
     np.savez(tmp_path / "digits.npz", images=images, labels=labels)
-    sidecar = pipeline.extract_features(tmp_path / "digits.npz", tmp_path / "feats", img_size=32, device="cpu")
+    sidecar = pipeline.extract_features(tmp_path / "digits.npz", tmp_path / "feats", img_size=32, device="cpu",
+                                        random_init=True)
     assert sidecar["count"] == 12
     outcome = pipeline.make_bins(tmp_path / "feats", 3)
     dest = pipeline.export_subset(np.array([1, 4, 9]), tmp_path / "export", features_sidecar=tmp_path / "feats" /
@@ -172,7 +175,8 @@ def test_pipeline_config_from_yaml(tmp_path):
 def test_run_pipeline_recomputes_only_stages_whose_inputs_changed(tmp_path, digits_folder):
     images = shutil.copytree(digits_folder, tmp_path / "images")
     config = pipeline.PipelineConfig(
-        input=str(images), work_dir=str(tmp_path / "work"), img_size=32, device="cpu", bins=4, ratio=0.5
+        input=str(images), work_dir=str(tmp_path / "work"), img_size=32, device="cpu", bins=4, ratio=0.5,
+        random_init=True,
     )
 
     def run():
@@ -201,6 +205,7 @@ def test_run_pipeline_recomputes_only_stages_whose_inputs_changed(tmp_path, digi
 def test_run_record_names_each_stage_fingerprint_and_output_hashes(tmp_path, digits_folder):
     config = pipeline.PipelineConfig(
         input=str(digits_folder), work_dir=str(tmp_path / "work"), img_size=32, device="cpu", bins=2, ratio=0.5,
+        random_init=True,
     )
     pipeline.run_pipeline(config, log=lambda line: None)
     record = json.loads((tmp_path / "work" / "run.json").read_text())
@@ -222,7 +227,7 @@ def test_run_pipeline_pixel_stage_stores_the_subset_and_is_reused(tmp_path, digi
 
     config = pipeline.PipelineConfig(
         input=str(digits_folder), work_dir=str(tmp_path / "work"), img_size=32, device="cpu",
-        bins=2, ratio=0.25, drop=0.5, quantize_img_size=56, quantize_grid=14, batch_size=16,
+        bins=2, ratio=0.25, drop=0.5, quantize_img_size=56, quantize_grid=14, batch_size=16, random_init=True,
     )
 
     def run():

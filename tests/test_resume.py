@@ -45,7 +45,7 @@ def _edit_npy(path, change):
 def test_hand_edited_outputs_are_written_again(tmp_path, digits_folder):
     work = tmp_path / "work"
     run = _runner(PipelineConfig(input=str(digits_folder), work_dir=str(work), img_size=32, device="cpu",
-                                 bins=4, ratio=0.5))
+                                 bins=4, ratio=0.5, random_init=True))
     assert run() == ["wrote", "wrote", "wrote"]
     features, subset = (work / "features" / "feats.npy").read_bytes(), (work / "subset.npy").read_bytes()
 
@@ -128,7 +128,7 @@ def _change_pixels_keep_size_and_times(path):
 def test_changed_image_with_same_size_and_time_is_found_with_verify_inputs(tmp_path):
     images = _bmp_folder(tmp_path / "images")
     config = PipelineConfig(input=str(images), work_dir=str(tmp_path / "work"), img_size=16, device="cpu",
-                            bins=2, ratio=0.5, verify_inputs=True)
+                            bins=2, ratio=0.5, verify_inputs=True, random_init=True)
     run = _runner(config)
     assert run() == ["wrote", "wrote", "wrote"]
     assert run() == ["reused", "reused", "reused"]
@@ -143,7 +143,7 @@ def test_changed_image_with_same_size_and_time_is_found_with_verify_inputs(tmp_p
 
     _change_pixels_keep_size_and_times(images / "a" / "0.bmp")
     result = invoke(["run", "--input", images, "--work-dir", tmp_path / "work", "--img-size", 16, "--device", "cpu",
-                     "--bins", 2, "--ratio", 0.5, "--verify-inputs", "-q"])
+                     "--bins", 2, "--ratio", 0.5, "--verify-inputs", "-q", "--random-init"])
     assert result.exit_code == 0, result.output
     assert [line.split()[1] for line in result.output.splitlines()] == ["wrote", "wrote", "wrote"]
 
@@ -151,7 +151,7 @@ def test_changed_image_with_same_size_and_time_is_found_with_verify_inputs(tmp_p
 def test_own_export_is_replaced_and_checked_by_listing(tmp_path, digits_folder):
     work, export = tmp_path / "work", tmp_path / "export"
     config = PipelineConfig(input=str(digits_folder), work_dir=str(work), img_size=32, device="cpu",
-                            bins=4, ratio=0.25, export=str(export))
+                            bins=4, ratio=0.25, export=str(export), random_init=True)
     run = _runner(config)
     assert run() == ["wrote", "wrote", "wrote", "wrote"]
     assert run() == ["reused", "reused", "reused", "reused"]
@@ -172,7 +172,7 @@ def test_run_killed_at_every_commit_point_is_finished_by_the_next_run(tmp_path, 
     write_digits_image_folder(tmp_path / "digits", per_class=2, size=16)
     config_path = tmp_path / "dq.yaml"
     config_path.write_text("input: digits\nwork_dir: work\nimg_size: 16\ndevice: cpu\nbins: 2\nratio: 0.5\n"
-                           "export: picked\n")
+                           "export: picked\nrandom_init: true\n")
     work, export = tmp_path / "work", tmp_path / "picked"
 
     def rerun():
@@ -211,7 +211,7 @@ def test_run_killed_at_every_commit_point_is_finished_by_the_next_run(tmp_path, 
 def test_damaged_run_record_only_makes_stages_run_again(tmp_path, digits_folder, damage):
     work = tmp_path / "work"
     run = _runner(PipelineConfig(input=str(digits_folder), work_dir=str(work), img_size=32, device="cpu",
-                                 bins=2, ratio=0.5))
+                                 bins=2, ratio=0.5, random_init=True))
     assert run() == ["wrote", "wrote", "wrote"]
     (work / "run.json").write_text({"unreadable": "{", "not an object": "[1]",
                                     "stages not an object": '{"stages": 3}'}[damage])

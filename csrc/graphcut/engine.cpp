@@ -8,7 +8,8 @@ namespace dqk {
 #define DQK_DECLARE_ISA(ns)                                                              \
   namespace ns {                                                                         \
   template <typename T>                                                                  \
-  void run_graphcut_isa(const std::vector<ProblemView<T>>&, const std::vector<bool>&);  \
+  void run_graphcut_isa(const std::vector<ProblemView<T>>&, const std::vector<bool>&,     \
+                        ProgressCounter*);                                               \
   template <typename T>                                                                  \
   void gram_matrix_isa(const T*, int64_t, int64_t, T*);                                 \
   }
@@ -50,14 +51,14 @@ class ThreadScope {
 
 template <typename T>
 void run_dispatch(const std::vector<ProblemView<T>>& problems, const std::vector<bool>& use_gram,
-                  int n_threads) {
+                  int n_threads, ProgressCounter* progress) {
   ThreadScope scope(n_threads);
   switch (kIsa) {
 #if DQK_HAVE_X86_ISAS
-    case Isa::kAvx512: return avx512::run_graphcut_isa(problems, use_gram);
-    case Isa::kAvx2: return avx2::run_graphcut_isa(problems, use_gram);
+    case Isa::kAvx512: return avx512::run_graphcut_isa(problems, use_gram, progress);
+    case Isa::kAvx2: return avx2::run_graphcut_isa(problems, use_gram, progress);
 #endif
-    default: return baseline::run_graphcut_isa(problems, use_gram);
+    default: return baseline::run_graphcut_isa(problems, use_gram, progress);
   }
 }
 
@@ -76,12 +77,12 @@ void gram_dispatch(const T* x, int64_t n, int64_t d, T* gram, int n_threads) {
 }  // namespace
 
 void run_graphcut(const std::vector<ProblemView<float>>& problems,
-                  const std::vector<bool>& use_gram, int n_threads) {
-  run_dispatch(problems, use_gram, n_threads);
+                  const std::vector<bool>& use_gram, int n_threads, ProgressCounter* progress) {
+  run_dispatch(problems, use_gram, n_threads, progress);
 }
 void run_graphcut(const std::vector<ProblemView<double>>& problems,
-                  const std::vector<bool>& use_gram, int n_threads) {
-  run_dispatch(problems, use_gram, n_threads);
+                  const std::vector<bool>& use_gram, int n_threads, ProgressCounter* progress) {
+  run_dispatch(problems, use_gram, n_threads, progress);
 }
 void gram_matrix(const float* x, int64_t n, int64_t d, float* gram, int n_threads) {
   gram_dispatch(x, n, d, gram, n_threads);

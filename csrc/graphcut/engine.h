@@ -3,6 +3,7 @@
 // instruction set the processor has (AVX-512, AVX2+FMA, or the baseline).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -23,12 +24,21 @@ struct ProblemView {
   int64_t* order_out;    // (n,) local ids in pick order, bin after bin
 };
 
+// Progress of a run: greedy steps done (picks in every bin but the last), summed over problems.
+// Updated with relaxed atomic adds, a few per bin (every kProgressStride steps and at the bin's
+// end), so another thread may poll it while the engine runs.
+using ProgressCounter = std::atomic<int64_t>;
+constexpr int64_t kProgressStride = 256;
+
 // Runs every problem. use_gram[i] selects the Gram form (n_i² · sizeof(T) bytes) for problem i,
-// else the streaming form. n_threads <= 0 keeps the OpenMP default.
+// else the streaming form. n_threads <= 0 keeps the OpenMP default. progress: nullptr, or a
+// counter the engine adds its greedy steps to.
 void run_graphcut(const std::vector<ProblemView<float>>& problems,
-                  const std::vector<bool>& use_gram, int n_threads);
+                  const std::vector<bool>& use_gram, int n_threads,
+                  ProgressCounter* progress = nullptr);
 void run_graphcut(const std::vector<ProblemView<double>>& problems,
-                  const std::vector<bool>& use_gram, int n_threads);
+                  const std::vector<bool>& use_gram, int n_threads,
+                  ProgressCounter* progress = nullptr);
 
 // gram (n×n) = x·xᵀ with the dispatched SYRK kernel (exposed for tests and benchmarks).
 void gram_matrix(const float* x, int64_t n, int64_t d, float* gram, int n_threads);

@@ -7,8 +7,8 @@ namespace DQK_ISA_NS {
 
 template <typename T>
 void run_graphcut_isa(const std::vector<ProblemView<T>>& problems,
-                      const std::vector<bool>& use_gram) {
-  run_problems(problems, use_gram);
+                      const std::vector<bool>& use_gram, ProgressCounter* progress) {
+  run_problems(problems, use_gram, progress);
 }
 
 template <typename T>
@@ -19,9 +19,9 @@ void gram_matrix_isa(const T* x, int64_t n, int64_t d, T* gram) {
 }
 
 template void run_graphcut_isa<float>(const std::vector<ProblemView<float>>&,
-                                      const std::vector<bool>&);
+                                      const std::vector<bool>&, ProgressCounter*);
 template void run_graphcut_isa<double>(const std::vector<ProblemView<double>>&,
-                                       const std::vector<bool>&);
+                                       const std::vector<bool>&, ProgressCounter*);
 template void gram_matrix_isa<float>(const float*, int64_t, int64_t, float*);
 template void gram_matrix_isa<double>(const double*, int64_t, int64_t, double*);
 

@@ -116,9 +116,10 @@ inline void pool_dots(const T* __restrict cols, int64_t r, int64_t d, const T* _
 template <typename T>
 class GreedyBins {
  public:
-  GreedyBins(const ProblemView<T>& problem, bool use_gram, bool parallel_inside)
+  GreedyBins(const ProblemView<T>& problem, bool use_gram, bool parallel_inside,
+             ProgressCounter* progress)
       : p_(problem), kernel_{problem.x, problem.d, problem.embed, problem.d_embed},
-        use_gram_(use_gram), parallel_inside_(parallel_inside) {}
+        use_gram_(use_gram), parallel_inside_(parallel_inside), progress_(progress) {}
 
   void run() {
     const int64_t n = p_.n;
@@ -322,6 +323,7 @@ class GreedyBins {
     const int64_t first_pos = argmax_range(score.data(), 0, r).position;
     if (first_pos < 0) return false;
     bool no_pick = false;
+    int64_t reported = 0;  // steps of this bin already added to progress_ (thread 0 only)
 
 #pragma omp parallel num_threads(n_threads) if (parallel)
     {
@@ -336,7 +338,13 @@ class GreedyBins {
           break;
         }
         const int64_t pick = pool_[pick_pos];
-        if (tid == 0) picks_out[step] = pick;
+        if (tid == 0) {
+          picks_out[step] = pick;
+          if (progress_ && (step + 1) % kProgressStride == 0) {
+            progress_->fetch_add(kProgressStride, std::memory_order_relaxed);
+            reported += kProgressStride;
+          }
+        }
         if (pick_pos >= lo && pick_pos < hi) score[pick_pos] = kTaken;
         if (step >= n_updates) break;
         ArgmaxPartial* step_partials = partials.data() + (step & 1) * nt;
@@ -346,6 +354,7 @@ class GreedyBins {
       }
     }
     if (no_pick) return false;
+    if (progress_) progress_->fetch_add(size - reported, std::memory_order_relaxed);
     // A NaN score never wins a comparison, so it would be skipped silently: refuse instead.
     for (int64_t i = 0; i < r; ++i)
       if (std::isnan(score[i])) return false;
@@ -365,6 +374,7 @@ class GreedyBins {
   PairKernel<T> kernel_;
   bool use_gram_;
   bool parallel_inside_;
+  ProgressCounter* progress_;  // nullptr, or where greedy steps are counted
   std::vector<double> norms_;
   std::vector<int64_t> pool_;
   GramMatrix<T> gram_;  // (n, n) when the Gram form runs
@@ -375,7 +385,8 @@ class GreedyBins {
 };
 
 template <typename T>
-void run_problems(const std::vector<ProblemView<T>>& problems, const std::vector<bool>& use_gram) {
+void run_problems(const std::vector<ProblemView<T>>& problems, const std::vector<bool>& use_gram,
+                  ProgressCounter* progress) {
   const int64_t n_problems = static_cast<int64_t>(problems.size());
   // Many problems: one per thread, each single-threaded. Few: one after another, each parallel.
   const bool across = n_problems >= 2 * omp_get_max_threads();
@@ -387,10 +398,11 @@ void run_problems(const std::vector<ProblemView<T>>& problems, const std::vector
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t k = 0; k < n_problems; ++k) {
       const int64_t i = by_size[k];
-      GreedyBins<T>(problems[i], use_gram[i], false).run();
+      GreedyBins<T>(problems[i], use_gram[i], false, progress).run();
     }
   } else {
-    for (int64_t i = 0; i < n_problems; ++i) GreedyBins<T>(problems[i], use_gram[i], true).run();
+    for (int64_t i = 0; i < n_problems; ++i)
+      GreedyBins<T>(problems[i], use_gram[i], true, progress).run();
   }
 }
 

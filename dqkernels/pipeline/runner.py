@@ -46,7 +46,9 @@ from dqkernels.formats.inputs import input_kind
 from dqkernels.formats.subset import load_subset_indices, manifest_path, read_manifest
 from dqkernels.graphcut.api import BACKENDS, METRICS
 from dqkernels.pipeline.export import check_export_destination, export_subset
+from dqkernels.pipeline.progress import as_reporter
 from dqkernels.pipeline.stages import (
+    SAMPLING_METHODS,
     draw_subset,
     extract_features,
     make_bins,
@@ -55,6 +57,10 @@ from dqkernels.pipeline.stages import (
 from dqkernels.sampling.sample import ALLOCATIONS
 
 RUN_RECORD = "run.json"
+CAM_RANDOM_INIT_WARNING = (
+    "WARNING: patches scored by a random-init GradCAM++ network (no cam_checkpoint): the kept patches "
+    "follow a random network"
+)
 RUN_FORMAT = "dqkernels.run"
 BIN_SIZE_RULES = ("split", "official")
 
@@ -79,9 +85,13 @@ CONFIG_TYPES: dict[str, click.ParamType] = {
     "work_dir": click.Path(file_okay=False),
     "model": click.STRING,
     "checkpoint": click.Path(exists=True, dir_okay=False),
+    "pretrained": click.BOOL,
+    "weights_file": click.Path(exists=True, dir_okay=False),
+    "random_init": click.BOOL,
     "mode": click.Choice(FEATURE_MODES),
     "grad_delta": click.Choice(GRAD_DELTAS),
     "text_model": click.Path(exists=True, file_okay=False),
+    "text_fields": click.STRING,
     "num_classes": click.IntRange(min=1),
     "device": DEVICE,
     "img_size": click.IntRange(min=8),
@@ -100,6 +110,7 @@ CONFIG_TYPES: dict[str, click.ParamType] = {
     "ratio": click.FloatRange(0, 1, min_open=True),
     "seed": click.IntRange(min=0),
     "allocation": click.Choice(ALLOCATIONS),
+    "method": click.Choice(SAMPLING_METHODS),
     "export": click.Path(),
     "link": click.BOOL,
     "drop": click.FloatRange(0, 1, max_open=True),
@@ -124,9 +135,13 @@ class PipelineConfig:
     # features
     model: str = "resnet18"
     checkpoint: Optional[str] = None
+    pretrained: bool = False
+    weights_file: Optional[str] = None
+    random_init: bool = False
     mode: str = "pooled"
     grad_delta: str = "standard"
     text_model: Optional[str] = None
+    text_fields: str = "auto"
     num_classes: Optional[int] = None
     device: Optional[str] = None
     img_size: Optional[int] = None
@@ -147,6 +162,7 @@ class PipelineConfig:
     ratio: float = 0.1
     seed: int = 0
     allocation: str = "exact"
+    method: str = "dq"
     # export
     export: Optional[str] = None
     link: bool = False
@@ -157,7 +173,7 @@ class PipelineConfig:
     cam_model: str = "resnet18"
     cam_checkpoint: Optional[str] = None
 
-    PATH_KEYS = ("input", "work_dir", "checkpoint", "text_model", "export", "cam_checkpoint")
+    PATH_KEYS = ("input", "work_dir", "checkpoint", "weights_file", "text_model", "export", "cam_checkpoint")
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "PipelineConfig":
@@ -350,6 +366,7 @@ def _check_run(config: PipelineConfig, record: dict, layout: _Layout, inputs: Ma
         {
             "input": layout.input,
             "checkpoint": config.checkpoint,
+            "weights_file": config.weights_file,
             "text_model": config.text_model if layout.kind == "text" else None,
             "cam_checkpoint": config.cam_checkpoint if config.drop is not None else None,
             **inputs,
@@ -360,8 +377,10 @@ def _check_run(config: PipelineConfig, record: dict, layout: _Layout, inputs: Ma
     if layout.kind == "text":
         if config.mode != "pooled":
             raise InputError("mode: instruction data supports mode 'pooled' only (gradient mode needs labelled images)")
-        if config.text_model is None:
-            raise InputError("instruction data needs a local sentence-embedding model (text_model / --text-model)")
+        from dqkernels.features.text import parse_text_fields, resolve_text_model
+
+        resolve_text_model(config.text_model)
+        parse_text_fields(config.text_fields)
         if config.drop is not None:
             raise InputError("drop: pixel quantization needs images, the input is text")
     else:
@@ -391,6 +410,14 @@ def _check_run(config: PipelineConfig, record: dict, layout: _Layout, inputs: Ma
         own_export = record.get("export", {}).get("dir")
         if own_export != str(layout.export):
             check_export_destination(layout.export)
+    if layout.kind != "text":
+        from dqkernels.features.image import weights_source
+
+        try:
+            weights_source(config.pretrained, config.weights_file, config.checkpoint, config.random_init)
+        except InputError as error:
+            raise InputError(f"{error} (in a config: pretrained: true [weights_file: PATH], checkpoint: PATH, "
+                             "or random_init: true)") from None
 
 
 # --------------------------------------------------------------------------- the run
@@ -406,8 +433,9 @@ def run_pipeline(
     finished stages (see the module docstring for when a stage is reused).
 
     inputs: further files the run reads, {name: path} (e.g. its config file), which no output
-    may overwrite. The whole config is checked before the first stage runs; a bad value raises
-    InputError and nothing is written. Returns the output path of each stage.
+    may overwrite. progress: report the long steps on stderr (:mod:`dqkernels.pipeline.progress`).
+    The whole config is checked before the first stage runs; a bad value raises InputError and
+    nothing is written. Returns the output path of each stage.
     """
     config = config.checked()
     if config.input is None:
@@ -439,14 +467,21 @@ def run_pipeline(
 
     # ------------------------------------------------------------------ features
     input_fp, input_content_fp = _input_fingerprints(layout, config.verify_inputs)
+    text_model = None
+    if layout.kind == "text":
+        from dqkernels.features.text import resolve_text_model
+
+        text_model = str(resolve_text_model(config.text_model))
     features_fp = fingerprint_document(
         {
             "stage": "features",
             "input": {"path": str(input_path), "kind": layout.kind, "fingerprint": input_fp},
             "checkpoint": fingerprint_file(config.checkpoint) if config.checkpoint else None,
-            "text_model": fingerprint_tree(config.text_model, content=True) if layout.kind == "text" else None,
+            "weights_file": fingerprint_file(config.weights_file) if config.weights_file else None,
+            "text_model": fingerprint_tree(text_model, content=True) if layout.kind == "text" else None,
             **{key: options[key] for key in (
                 "model", "mode", "grad_delta", "num_classes", "img_size", "device", "strict", "feature_seed",
+                "pretrained", "random_init", "text_fields",
             )},
         }
     )
@@ -456,14 +491,21 @@ def run_pipeline(
         and (not config.verify_inputs or entry.get("input_content") == input_content_fp)
         and _outputs_unchanged(layout, entry)
     )
+    random_warning = ""
+    if layout.kind != "text" and config.random_init:
+        from dqkernels.features.image import RANDOM_INIT_WARNING
+
+        random_warning = f" | {RANDOM_INIT_WARNING}"
     if reusable:
-        log(f"features: reused {layout.features}")
+        log(f"features: reused {layout.features}{random_warning}")
     else:
         started = time.perf_counter()
         layout.work_dir.mkdir(parents=True, exist_ok=True)
         sidecar = extract_features(
             input_path, layout.features, model=config.model, checkpoint=config.checkpoint, mode=config.mode,
-            grad_delta=config.grad_delta, text_model=config.text_model, num_classes=config.num_classes,
+            grad_delta=config.grad_delta, text_model=text_model, num_classes=config.num_classes,
+            pretrained=config.pretrained, weights_file=config.weights_file, random_init=config.random_init,
+            text_fields=config.text_fields,
             img_size=config.img_size, batch_size=config.batch_size, device=config.device,
             workers=config.workers, strict=config.strict, seed=config.feature_seed, progress=progress,
             stage_fingerprint=features_fp,
@@ -472,7 +514,7 @@ def run_pipeline(
         finish("features", {"fingerprint": features_fp, "input_content": input_content_fp,
                             "outputs": _output_digests(layout, written)})
         log(f"features: wrote {layout.features} ({sidecar['count']} samples, "
-            f"{time.perf_counter() - started:.1f} s)")
+            f"{time.perf_counter() - started:.1f} s){random_warning}")
     features_outputs = record["features"]["outputs"]
 
     # ------------------------------------------------------------------ bins
@@ -490,7 +532,7 @@ def run_pipeline(
         outcome = make_bins(
             layout.features, config.bins, out=layout.bins, use_labels=config.per_class, metric=config.metric,
             lam=config.lam, device=config.bin_device, backend=config.backend, sizes=config.sizes,
-            stage_fingerprint=bins_fp,
+            stage_fingerprint=bins_fp, progress=progress,
         )
         finish("bins", {"fingerprint": bins_fp, "outputs": _output_digests(layout, [layout.bins])})
         log(f"bins: wrote {layout.bins} (backend {outcome.result.backend}, {outcome.seconds:.2f} s, "
@@ -502,14 +544,15 @@ def run_pipeline(
             "stage": "subset",
             "bins": bins_fp,
             "files": record["bins"]["outputs"],
-            **{key: options[key] for key in ("ratio", "seed", "allocation")},
+            **{key: options[key] for key in ("ratio", "seed", "allocation", "method")},
         }
     )
     if _reusable(layout, record, "subset", subset_fp, ran, upstream="bins"):
         log(f"sample: reused {layout.subset}")
     else:
         subset = draw_subset(
-            layout.bins, config.ratio, seed=config.seed, allocation=config.allocation, stage_fingerprint=subset_fp
+            layout.bins, config.ratio, seed=config.seed, allocation=config.allocation, method=config.method,
+            stage_fingerprint=subset_fp,
         )
         save_subset(subset, layout.bins, layout.subset)
         finish("subset", {"fingerprint": subset_fp,
@@ -524,7 +567,7 @@ def run_pipeline(
         "input": input_fp,
     }
     if layout.export is not None:
-        outputs["export"] = _export_stage(config, layout, record, ran, reads_after_subset, log, finish)
+        outputs["export"] = _export_stage(config, layout, record, ran, reads_after_subset, log, finish, progress)
     if config.drop is not None:
         outputs["patches"] = _quantize_stage(config, layout, record, ran, reads_after_subset, log, progress, finish)
     return outputs
@@ -543,7 +586,7 @@ def _reusable(layout: _Layout, record: dict, stage: str, fingerprint: str, ran: 
 
 
 def _export_stage(config: PipelineConfig, layout: _Layout, record: dict, ran: dict, reads: dict,
-                  log: Callable[[str], None], finish: Callable[[str, dict], None]) -> Path:
+                  log: Callable[[str], None], finish: Callable[[str, dict], None], progress: bool = False) -> Path:
     """The export stage: the subset in the input's format at ``config.export``. Its outputs are
     checked by listing (path, size, mtime_ns, link targets): an export is as large as its work."""
     export_fp = fingerprint_document({"stage": "export", **reads, "dir": str(layout.export), "link": config.link})
@@ -561,6 +604,7 @@ def _export_stage(config: PipelineConfig, layout: _Layout, record: dict, ran: di
         link=config.link,
         replace=own_export,
         bins_file=layout.bins,
+        progress=progress,
     )
     finish("export", {"dir": str(layout.export), "fingerprint": export_fp,
                       "outputs": _output_digests(layout, [layout.export], content=False)})
@@ -584,15 +628,15 @@ def _quantize_stage(config: PipelineConfig, layout: _Layout, record: dict, ran: 
         log(f"quantize: reused {layout.patches}")
         return layout.patches
     started = time.perf_counter()
-    with staged_directory(layout.patches) as staging:
+    with staged_directory(layout.patches) as staging, as_reporter(progress).step("quantize", unit="images") as stored:
         outcome = quantize_images(
             layout.input, staging, subset=layout.subset, drop=config.drop,
             img_size=config.quantize_img_size, grid=config.quantize_grid, cam_model=config.cam_model,
             cam_checkpoint=config.cam_checkpoint, batch_size=config.batch_size, device=config.device,
-            workers=config.workers, seed=config.feature_seed, progress=progress,
+            workers=config.workers, seed=config.feature_seed, progress=stored if progress else None,
         )
     finish("patches", {"fingerprint": quantize_fp, "outputs": _output_digests(layout, [layout.patches])})
     log(f"quantize: wrote {layout.patches} ({outcome.count} images, {outcome.kept} of "
         f"{outcome.num_patches} patches kept, {outcome.image_bytes} -> {outcome.store_bytes} bytes, "
-        f"{time.perf_counter() - started:.1f} s)")
+        f"{time.perf_counter() - started:.1f} s)" + (f" | {CAM_RANDOM_INIT_WARNING}" if config.cam_checkpoint is None else ""))
     return layout.patches

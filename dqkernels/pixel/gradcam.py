@@ -17,7 +17,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -375,7 +375,7 @@ def quantize_images(
     device=None,
     workers: int = 0,
     seed: int = 0,
-    progress: bool = False,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> QuantizeOutcome:
     """Score, drop and store the patches of the images of ``subset`` into the new store ``out_dir``.
 
@@ -390,10 +390,9 @@ def quantize_images(
         loaded; without them it is randomly initialised from ``seed``). It sees the images at
         224 × 224 with its own mean/std; ``cam_layer`` names its explained layer.
     target: "pred" (its own prediction) or "label" (the data set's class). mode: "paper" | "compat".
+    progress: None, or a callable(done, total) told the images stored after every batch.
     Nothing is left at ``out_dir`` unless the whole store was written.
     """
-    from tqdm.auto import tqdm
-
     from dqkernels.core.fingerprint import fingerprint_file
     from dqkernels.features.image import _resize_normalize, build_model, resolve_device
 
@@ -443,8 +442,8 @@ def quantize_images(
         },
     }
     with PatchStoreWriter(out_dir, geometry, count, count * kept, class_names=samples.class_names,
-                          meta=meta) as writer, tqdm(total=count, unit="img", desc="quantize",
-                                                     disable=not progress, dynamic_ncols=True) as bar:
+                          meta=meta) as writer:
+        done = 0
         for positions, pixels in _uint8_batches(samples, img_size, batch_size, workers):
             cam_input = _resize_normalize(pixels.to(device).float() / 255.0, CAM_IMAGE_SIZE, mean, std)
             labels = samples.labels[positions] if samples.labels is not None else None
@@ -459,7 +458,9 @@ def quantize_images(
                 labels,
                 [samples.items[position] for position in positions] if samples.items is not None else None,
             )
-            bar.update(len(positions))
+            done += len(positions)
+            if progress is not None:
+                progress(done, count)
     store = PatchStore(out_dir)
     return QuantizeOutcome(Path(out_dir), count, kept, geometry.num_patches,
                            store.header["bytes"]["images"], store.stored_bytes())

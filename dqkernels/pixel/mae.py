@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -378,16 +378,16 @@ class ReconstructOutcome:
 
 def reconstruct_store(store: str | os.PathLike, checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
                       arch: Union[MAEConfig, str] = "large", batch_size: int = 64, device=None,
-                      progress: bool = False) -> ReconstructOutcome:
+                      progress: Optional[Callable[[int, int], None]] = None) -> ReconstructOutcome:
     """Rebuild every image of a patch store with the MAE of ``checkpoint`` into a new ImageFolder tree.
 
     Images are written as PNG at the store's image size to ``out_dir/<path>`` (see
     :func:`output_paths`); ``out_dir/samples.jsonl`` maps every image explicitly: one JSON object
     per line with ``id`` (dataset id), ``path``, ``label`` and ``source`` (the original relative
     path, for image folders). ``out_dir`` must be missing or empty; it appears only when complete.
+    progress: None, or a callable(done, total) told the images written after every batch.
     """
     from PIL import Image
-    from tqdm.auto import tqdm
 
     patch_store = PatchStore(store)
     out_dir = check_empty_destination(out_dir, "output directory")
@@ -399,14 +399,15 @@ def reconstruct_store(store: str | os.PathLike, checkpoint: str | os.PathLike, o
     started = time.perf_counter()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with staged_directory(out_dir) as staging:  # an empty directory there is replaced
-        with tqdm(total=len(patch_store), unit="img", desc="reconstruct", disable=not progress,
-                  dynamic_ncols=True) as bar:
-            for batch in patch_store.batches(batch_size):
-                for row, pixels in zip(batch.rows, mae.reconstruct(batch).numpy()):
-                    target = staging / paths[row]
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(pixels).save(target)
-                bar.update(len(batch))
+        done = 0
+        for batch in patch_store.batches(batch_size):
+            for row, pixels in zip(batch.rows, mae.reconstruct(batch).numpy()):
+                target = staging / paths[row]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(target)
+            done += len(batch)
+            if progress is not None:
+                progress(done, len(patch_store))
         with open(staging / SAMPLES_FILE, "w", encoding="utf-8") as handle:
             for row, path in enumerate(paths):
                 record = {

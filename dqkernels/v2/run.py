@@ -53,6 +53,7 @@ from dqkernels.core.fingerprint import (
 )
 from dqkernels.formats.inputs import input_kind
 from dqkernels.graphcut.api import METRICS
+from dqkernels.pipeline.progress import Reporter, as_reporter
 from dqkernels.sampling.sample import ALLOCATIONS
 from dqkernels.v2 import tobias
 
@@ -307,6 +308,7 @@ def run_v2(
     allocation: str = "exact",
     seed: int = 0,
     log: Callable[[str], None] = print,
+    progress: bool | Reporter = False,
 ) -> V2Outcome:
     """DQ-V2 on an image folder or image array: Tobias pool → features → bins → subset → export.
 
@@ -323,6 +325,8 @@ def run_v2(
     model / checkpoint / img_size / batch_size / device: the feature extractor, as ``dqk features``.
     seed: drives the base and recipe draws (two independent streams derived from it), the random
         initialisations and the sampling.
+    log: where the summary line of each step goes. progress: report the long steps (features,
+        bins, export; :mod:`dqkernels.pipeline.progress`), or a Reporter.
     """
     from dqkernels.features.image import build_model, check_model_name, resolve_device
 
@@ -338,10 +342,12 @@ def run_v2(
     cell_px = cell_px or tobias.default_cell_px(grid)
     side = grid * cell_px
     started = time.perf_counter()
+    reporter = as_reporter(progress)
 
     if masks is not None:
         object_masks, mask_meta = _load_stored_masks(Path(masks), source, grid)
     else:
+        reporter.log(f"masks: computing the object masks of {source.count} images ({mask_model} model)")
         object_masks, mask_meta = _compute_masks(
             source, grid=grid, side=side, mask_model=mask_model, mask_checkpoint=mask_checkpoint,
             mask_epochs=mask_epochs, mask_px=mask_px, batch_size=batch_size, seed=seed, device=device,
@@ -364,21 +370,26 @@ def run_v2(
     network = build_model(model, checkpoint=checkpoint, num_classes=None if checkpoint else data_classes, seed=seed)
     feature_options = {"img_size": img_size, "batch_size": batch_size, "device": device}
     feature_chunks = []
-    for start in range(0, n_originals, CHUNK_IMAGES):
-        rows = np.arange(start, min(start + CHUNK_IMAGES, n_originals))
-        feature_chunks.append(_pooled_features(network, source.read(rows), **feature_options))
-    for start in range(0, n_tobias, CHUNK_IMAGES):
-        chunk = recipes.take(np.arange(start, min(start + CHUNK_IMAGES, n_tobias)))
-        feature_chunks.append(
-            _pooled_features(network, _render_tobias(source, chunk, object_masks, side), **feature_options)
-        )
+    with reporter.step("features", n_originals + n_tobias, "images") as extracted:
+        for start in range(0, n_originals, CHUNK_IMAGES):
+            rows = np.arange(start, min(start + CHUNK_IMAGES, n_originals))
+            feature_chunks.append(_pooled_features(network, source.read(rows), **feature_options))
+            extracted.update(len(rows))
+        for start in range(0, n_tobias, CHUNK_IMAGES):
+            chunk = recipes.take(np.arange(start, min(start + CHUNK_IMAGES, n_tobias)))
+            feature_chunks.append(
+                _pooled_features(network, _render_tobias(source, chunk, object_masks, side), **feature_options)
+            )
+            extracted.update(len(chunk))
     pool_features = np.concatenate(feature_chunks)
     log(f"features: {n_originals} originals + {n_tobias} Tobias images ({int(recipes.swapped.sum())} swapped), "
         f"{pool_features.shape[1]} dims, {model}")
 
     from dqkernels import graphcut_bins, sample_bins
 
-    bin_result = graphcut_bins(pool_features, bins=bins, labels=pool_labels, metric=metric)
+    with reporter.step("bin", unit="greedy steps") as steps:
+        bin_result = graphcut_bins(pool_features, bins=bins, labels=pool_labels, metric=metric,
+                                   progress=steps if reporter.enabled else None)
     subset = sample_bins(bin_result, ratio, seed=seed, allocation=allocation)
     chosen = subset.indices
     log(f"bins: {bins}{' per class' if pool_labels is not None else ''}; "
@@ -414,7 +425,8 @@ def run_v2(
             save_npy(staging / "pool_labels.npy", pool_labels)
         bin_result.save(staging / "bins.npz")
         subset.save(staging / "subset.npy")
-        items = _export(source, recipes, object_masks, side, chosen, staging / "subset")
+        with reporter.step("export", len(chosen), "samples") as exported:
+            items = _export(source, recipes, object_masks, side, chosen, staging / "subset", exported)
         write_lines(staging / "subset_items.jsonl", (json.dumps(item) for item in items))
         write_json(staging / "v2.json", summary)
     return V2Outcome(out_dir, summary)
@@ -446,10 +458,11 @@ def _cell_counts(bin_result, pool_labels, chosen: np.ndarray, n_originals: int) 
 
 
 def _export(source: _ImageSource, recipes: tobias.TobiasRecipes, masks: np.ndarray, side: int,
-            chosen: np.ndarray, dest: Path) -> list:
+            chosen: np.ndarray, dest: Path, progress: Callable[[int], None] = lambda done: None) -> list:
     """Write the chosen pool samples into ``dest`` (input format); returns one item record per sample.
 
-    Tobias images are regenerated from their recipes here.
+    Tobias images are regenerated from their recipes here. progress(done): told the samples
+    written so far.
     """
     from PIL import Image
 
@@ -477,6 +490,7 @@ def _export(source: _ImageSource, recipes: tobias.TobiasRecipes, masks: np.ndarr
             shutil.copy2(source.path / paths[row], target)
             items.append({"pool_id": int(row), "kind": "original", "label": label_of(row),
                           "file": paths[row], "source": paths[row]})
+            progress(len(items))
         for row, image in zip(tobias_rows, tobias_images):
             pool_id = int(row) + n_originals
             base = int(recipes.base[row])
@@ -487,6 +501,7 @@ def _export(source: _ImageSource, recipes: tobias.TobiasRecipes, masks: np.ndarr
             items.append({"pool_id": pool_id, "kind": "tobias", "label": label_of(base), "file": relative,
                           **recipe_of(row), "base_file": paths[base],
                           "partner_file": paths[partner] if partner != tobias.NO_PARTNER else None})
+            progress(len(items))
         return items
 
     exported = [np.asarray(source.array[row]) for row in original_rows]
@@ -506,6 +521,7 @@ def _export(source: _ImageSource, recipes: tobias.TobiasRecipes, masks: np.ndarr
         np.savez(dest / source.path.name, **arrays)
     else:
         np.save(dest / source.path.name, images)
+    progress(len(items))
     return items
 
 
