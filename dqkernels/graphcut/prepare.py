@@ -210,21 +210,22 @@ def working_features(features, metric: str, perm: np.ndarray, problem_offsets, d
 def check_lam_fits(lam: float, x: np.ndarray, embed, problem_offsets) -> None:
     """Refuse a λ for which λ·C2 could overflow the engines' float64 scores.
 
-    C2(x) ≤ 4·n·max‖g‖² for a problem of n rows; the working copy is scaled, so the bound is
-    modest and only an absurd λ (say 1e300) is refused.
+    C2(x) ≤ 4·n·max‖g‖² for a problem of n rows. The working copy is scaled, so max‖g‖² is
+    bounded without reading it: plain rows are unit rows minus their mean (‖x‖ ≤ 2) or have
+    entries below 1 (‖x‖² < d), so 4·d bounds both; a gradient embedding adds the factor
+    1 + max‖e‖² (one pass over e). Only an absurd λ (say 1e300) is refused.
     """
     largest_problem = int(np.diff(problem_offsets).max())
-    largest_square = 0.0
-    for lo in range(0, len(x), CHUNK_ROWS):
-        block = x[lo : lo + CHUNK_ROWS].astype(np.float64)
-        squares = np.einsum("ij,ij->i", block, block)
-        if embed is not None:
-            e = embed[lo : lo + CHUNK_ROWS].astype(np.float64)
-            squares *= 1.0 + np.einsum("ij,ij->i", e, e)
-        largest_square = max(largest_square, float(squares.max()))
-    bound = 4.0 * largest_problem * max(largest_square, 1.0)
+    largest_square = 4.0 * x.shape[1]
+    if embed is not None:
+        embed_square = max(
+            float(np.einsum("ij,ij->i", block, block, dtype=np.float64).max())
+            for block in (embed[lo : lo + CHUNK_ROWS] for lo in range(0, len(embed), CHUNK_ROWS))
+        )
+        largest_square *= 1.0 + embed_square
+    bound = 4.0 * largest_problem * largest_square
     if not lam * bound < _SCORE_LIMIT:
         raise InputError(
-            f"lam={lam!r} is too large for these features: λ·C2 would overflow the scores "
+            f"lam={lam!r} is too large for these features: λ·C2 could overflow the scores "
             f"(λ must be below {_SCORE_LIMIT / bound:.3g})"
         )
