@@ -75,6 +75,17 @@ DEFAULT_TIMEOUT_S = 1800
 _PAIRWISE_C2_MAX_POOL = 64
 
 
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def require_torchrun(what: str, example: str) -> None:
+    """InputError unless torchrun's environment is set: ``what`` runs under torchrun, e.g.
+    ``example`` (a command line)."""
+    missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
+    if missing:
+        raise InputError(f"{what} runs under torchrun ({', '.join(missing)} not set), e.g. {example}")
+
+
 class PeerFailureError(ConnectionError):
     """A collective operation failed: another rank died, left the job, or did not answer within
     the process group's timeout."""

@@ -19,6 +19,7 @@ from dqkernels.graphcut.distributed import (
     PeerFailureError,
     _Ranks,
     graphcut_bins_distributed,
+    require_torchrun,
 )
 from dqkernels.pipeline.stages import BinsOutcome
 
@@ -47,13 +48,9 @@ def make_bins_distributed(
     finished: a failed job leaves no output file. Any rank's error is raised on every rank.
     Returns the ``pipeline.BinsOutcome`` on rank 0, None on the other ranks.
     """
-    torchrun_variables = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    missing = [name for name in torchrun_variables if name not in os.environ]
-    if missing:
-        raise InputError(
-            f"distributed binning runs under torchrun ({', '.join(missing)} not set), e.g. "
-            "torchrun --nproc-per-node 4 -m dqkernels.cli bin --features F --distributed"
-        )
+    require_torchrun(
+        "distributed binning", "torchrun --nproc-per-node 4 -m dqkernels.cli bin --features F --distributed"
+    )
     cuda = device is not None and str(device).startswith("cuda")
     if cuda:
         if not torch.cuda.is_available():

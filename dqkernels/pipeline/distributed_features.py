@@ -29,8 +29,12 @@ from dqkernels.core.atomic import _temp_prefix, sweep_temporaries
 from dqkernels.core.errors import InputError, InputTypeError
 from dqkernels.features.image import ImageFeatures, extract_image_features
 from dqkernels.formats.inputs import input_kind
-from dqkernels.graphcut.distributed import PeerFailureError, _Ranks
-from dqkernels.pipeline.stages import _image_features, extract_features, write_extracted_features
+from dqkernels.graphcut.distributed import PeerFailureError, _Ranks, require_torchrun
+from dqkernels.pipeline.stages import (
+    _image_features,
+    extract_features,
+    write_extracted_features,
+)
 
 # The longest a rank waits for another, in seconds. A rank that finishes its shard first waits
 # this long for the slowest one, so it must exceed the spread of the ranks' extraction times.
@@ -70,13 +74,10 @@ def extract_features_distributed(
     Returns the sidecar on rank 0, None on the other ranks.
     """
     options = _image_options(options)
-    torchrun_variables = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    missing = [name for name in torchrun_variables if name not in os.environ]
-    if missing:
-        raise InputError(
-            f"distributed feature extraction runs under torchrun ({', '.join(missing)} not set), e.g. "
-            "torchrun --nproc-per-node 4 -m dqkernels.cli features DATA -o feats/ --distributed"
-        )
+    require_torchrun(
+        "distributed feature extraction",
+        "torchrun --nproc-per-node 4 -m dqkernels.cli features DATA -o feats/ --distributed",
+    )
     cuda = str(device).startswith("cuda") if device is not None else torch.cuda.is_available()
     if cuda:
         if not torch.cuda.is_available():
