@@ -246,23 +246,30 @@ def graphcut_bins(
 
     check_engine_order(local_order, offsets, used_backend)
     order, bin_offsets = _assemble(local_order, perm, offsets, bin_sizes)
-    meta = {
+    meta = _bins_meta(
+        metric, lam, n_bins, labels is not None, m, dims, isinstance(user_features, GradEmbedding),
+        source_dtype, precision, sizes, bin_sizes,
+        features_checksum(user_features if isinstance(user_features, GradEmbedding) else (user_features,)),
+    )
+    return BinResult(order, bin_offsets, label_array, used_backend, used_form, meta)
+
+
+def _bins_meta(metric, lam, n_bins, per_class, m, dims, gradient, source_dtype, precision, sizes, bin_sizes, checksum):
+    """The metadata every BinResult records, whichever engine ran (the keys ``meta`` documents)."""
+    return {
         "metric": metric,
         "lam": lam,
         "bins": n_bins,
-        "per_class": labels is not None,
+        "per_class": per_class,
         "M": m,
         "dims": dims,
-        "gradient_embedding": isinstance(user_features, GradEmbedding),
+        "gradient_embedding": gradient,
         "dtype": source_dtype,
         "precision": precision,
         "sizes": sizes if isinstance(sizes, str) else [int(s) for s in bin_sizes[0]],
         "version": _version(),
-        "checksum": features_checksum(
-            user_features if isinstance(user_features, GradEmbedding) else (user_features,)
-        ),
+        "checksum": checksum,
     }
-    return BinResult(order, bin_offsets, label_array, used_backend, used_form, meta)
 
 
 def _tensor_device(features) -> Optional[str]:
@@ -314,20 +321,10 @@ def _graphcut_bins_device(
     if progress is not None:
         progress(greedy_steps(bin_sizes), greedy_steps(bin_sizes))
     order, bin_offsets = torch_engine.assemble(run.local_order, perm, offsets, bin_sizes)
-    meta = {
-        "metric": metric,
-        "lam": lam,
-        "bins": n_bins,
-        "per_class": labels is not None,
-        "M": m,
-        "dims": prepared.dims,
-        "gradient_embedding": prepared.gradient,
-        "dtype": prepared.source_dtype,
-        "precision": precision,
-        "sizes": sizes if isinstance(sizes, str) else [int(s) for s in bin_sizes[0]],
-        "version": _version(),
-        "checksum": device_prepare.host_checksum(prepared),
-    }
+    meta = _bins_meta(
+        metric, lam, n_bins, labels is not None, m, prepared.dims, prepared.gradient,
+        prepared.source_dtype, precision, sizes, bin_sizes, device_prepare.host_checksum(prepared),
+    )
     label_array = None if label_tensor is None else label_tensor.cpu().numpy()
     return BinResult(order.cpu().numpy(), bin_offsets, label_array, run.kernel, run.form, meta)
 
